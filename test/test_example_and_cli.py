@@ -1,0 +1,76 @@
+"""The example CT (fetched by scripts/setup.sh) and the command-line entry points."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from reg2d3d_ros.errors import DataNotFoundError
+from reg2d3d_ros.example import example_paths, load_example
+from reg2d3d_ros.sim import structure_center
+
+
+@pytest.fixture(scope="module")
+def example_ct():
+    return load_example()
+
+
+def test_example_ct_is_in_the_physical_lps_frame(example_ct):
+    ct = example_ct
+    assert ct.hu.shape == (133, 512, 512)
+    assert np.allclose(ct.spacing_mm, [0.703125, 0.703125, 2.5])
+    direction = ct.T_ct_from_ijk[:3, :3] / ct.spacing_mm
+    assert np.allclose(direction, np.diag([1.0, -1.0, 1.0]))  # SimpleITK's LPS direction, kept as is
+    assert np.allclose(ct.ijk_to_ct(np.zeros((1, 3)))[0], [-166.0, 187.5968780517578, -340.0])
+    assert ct.label_names["vertebrae_T8"] == 36
+    # T8's centroid where TotalSegmentator put it (anterior of the origin, mid-thorax)
+    assert np.allclose(structure_center(ct, "T8"), [0.3, 90.4, -163.9], atol=0.5)
+    roi = ct.crop_to_labels([36], margin_mm=15.0)
+    assert all(60 < e < 120 for e in np.asarray(roi.shape_ijk) * roi.spacing_mm)
+
+
+def test_missing_example_gives_a_clear_error(tmp_path):
+    with pytest.raises(DataNotFoundError, match="scripts/setup.sh"):
+        example_paths(tmp_path)
+
+
+def run_cli(args, tmp_path, timeout=600):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env)
+
+
+def test_cli_reports_user_errors_without_traceback(tmp_path):
+    res = run_cli(["reg2d3d_ros.sim", "--ct", str(tmp_path / "nope.nii.gz"), "--out", str(tmp_path / "bag")], tmp_path)
+    assert res.returncode == 2
+    assert "CT path does not exist" in res.stderr and "Traceback" not in res.stderr
+    bad = tmp_path / "corrupt.nii.gz"
+    bad.write_bytes(os.urandom(2048))
+    res = run_cli(["reg2d3d_ros.sim", "--ct", str(bad), "--out", str(tmp_path / "bag")], tmp_path)
+    assert res.returncode == 2
+    assert "cannot read CT" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "bag").exists()  # nothing half-written
+
+
+def test_demo_runs_end_to_end_small(tmp_path):
+    out = tmp_path / "demo"
+    res = run_cli(["reg2d3d_ros.demo", "--frames", "3", "--size", "64", "--out", str(out)], tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert str(out) in res.stdout
+    assert "NOT IMPLEMENTED YET" in res.stdout  # honest about tracking
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["frame_000.png", "frame_001.png", "frame_002.png"]
+    assert (out / "error_per_frame.png").stat().st_size > 1000
+    assert (out / "sequence_bag" / "metadata.yaml").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["simulated"] is True and summary["frames"] == 3
+    import cv2
+
+    img = cv2.imread(str(out / "overlays" / "frame_000.png"))
+    assert img.shape == (64, 64, 3)
+    # contours are drawn: red (ground truth) and green (estimate, on top; equal at frame 0);
+    # OpenCV reads BGR
+    b, g, r = img[..., 0].astype(int), img[..., 1].astype(int), img[..., 2].astype(int)
+    coloured = ((r > 180) & (g < 120)) | ((g > 180) & (r < 120) & (b < 120))
+    assert coloured.sum() > 10
