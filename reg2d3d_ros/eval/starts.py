@@ -3,10 +3,11 @@
 Following van de Kraats et al. (TMI 2005), start positions are ground-truth poses perturbed by
 random rigid motions whose initial mTRE is spread evenly over ``[0, max_mtre_mm]``: the k-th of
 ``n`` starts gets a target error drawn uniformly in the k-th of ``n`` equal sub-intervals
-(stratified), a random direction of motion in the 6-D parameter space (rotation about the
-target points' centroid, scaled by their radius of gyration so that rotations and translations
-contribute comparably), and the magnitude along that direction found by bisection so that the
-mTRE equals the target error.
+(stratified); a rotation about the target points' centroid with a random axis and an angle
+uniform in ``[0, max_rotation_deg]`` (15 degrees by default: an initial guess from the C-arm's
+angles is centimetres off but rarely more than 10-15 degrees); and a translation in a random
+direction whose length is found by bisection so that the mTRE equals the target error (if the
+rotation alone exceeds the target, the rotation is shrunk instead and there is no translation).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def random_starts(
     max_mtre_mm: float = 30.0,
     min_mtre_mm: float = 0.0,
     seed: int = 0,
-    max_rotation_deg: float = 45.0,
+    max_rotation_deg: float = 15.0,
 ):
     """Perturbed start poses with initial mTRE spread evenly over ``[min, max]``.
 
@@ -52,8 +53,7 @@ def random_starts(
     seed : int
         Random seed.
     max_rotation_deg : float
-        Cap on the rotation angle of a perturbation (a direction that would need more gets its
-        rotation part shrunk until it fits).
+        Largest rotation angle of a perturbation (angles are uniform up to it).
 
     Returns
     -------
@@ -68,47 +68,41 @@ def random_starts(
     T_gt = T_gt.to(torch.float64)
     pts = pts_ct_mm.to(torch.float64)
     c = pts.mean(dim=0)
-    r_g = float(torch.sqrt(((pts - c) ** 2).sum(dim=-1).mean()))
     targets = min_mtre_mm + (np.arange(n) + rng.uniform(size=n)) / n * (max_mtre_mm - min_mtre_mm)
     rng.shuffle(targets)
     target = torch.from_numpy(targets)
-    u = rng.normal(size=(n, 6))
-    u[:, :3] /= max(r_g, 1e-6)  # radians per mm of displacement at the radius of gyration
-    scale = torch.zeros(n, dtype=torch.float64)
-    todo = np.ones(n, dtype=bool)
-    for _ in range(30):  # directions whose rotation would exceed the cap get less rotation
-        idx = np.nonzero(todo)[0]
-        if len(idx) == 0:
-            break
-        uu = u[idx] / (np.linalg.norm(u[idx, :3], axis=1) * r_g + np.linalg.norm(u[idx, 3:], axis=1) + 1e-12)[:, None]
-        u[idx] = uu
-        d = torch.from_numpy(uu)
+    axis = rng.normal(size=(n, 3))
+    axis /= np.linalg.norm(axis, axis=1, keepdims=True)
+    angle = np.radians(rng.uniform(0.0, max_rotation_deg, size=n))
+    tdir = rng.normal(size=(n, 3))
+    tdir /= np.linalg.norm(tdir, axis=1, keepdims=True)
+    rot = torch.from_numpy(axis * angle[:, None])
+    tdir_t = torch.from_numpy(tdir)
 
-        def err(s_: torch.Tensor) -> torch.Tensor:
-            return mtre(T_gt @ perturbation_about(s_[:, None] * d, c), T_gt, pts)
+    def err(r_vec: torch.Tensor, t_vec: torch.Tensor) -> torch.Tensor:
+        return mtre(T_gt @ perturbation_about(torch.cat([r_vec, t_vec], dim=-1), c), T_gt, pts)
 
-        tgt = target[idx]
-        lo = torch.zeros(len(idx), dtype=torch.float64)
-        hi = tgt.clamp(min=1e-3).clone()
-        for _ in range(40):  # grow the bracket until it contains the target
-            low = err(hi) < tgt
-            if not bool(low.any()) or float(hi.max()) > 1e4:
-                break
-            hi = torch.where(low, hi * 2.0, hi)
+    # a rotation that alone exceeds the target error is shrunk (bisection on its angle)
+    too_big = err(rot, torch.zeros_like(rot)) > target
+    if bool(too_big.any()):
+        lo = torch.zeros(int(too_big.sum()), dtype=torch.float64)
+        hi = torch.ones_like(lo)
+        r0 = rot[too_big]
         for _ in range(60):
             mid = 0.5 * (lo + hi)
-            below = err(mid) < tgt
+            below = err(mid[:, None] * r0, torch.zeros_like(r0)) < target[too_big]
             lo = torch.where(below, mid, lo)
             hi = torch.where(below, hi, mid)
-        s_ = 0.5 * (lo + hi)
-        rot_deg = np.degrees(np.linalg.norm(uu[:, :3], axis=1) * s_.numpy())
-        ok = rot_deg <= max_rotation_deg
-        scale[torch.from_numpy(idx[ok])] = s_[torch.from_numpy(ok)]
-        todo[idx[ok]] = False
-        bad = idx[~ok]
-        u[bad, :3] *= (0.9 * max_rotation_deg / rot_deg[~ok])[:, None]
-    if todo.any():
-        raise ConfigError(f"could not draw start positions within {max_rotation_deg} deg for mTRE up to {max_mtre_mm} mm")
-    direction = torch.from_numpy(u)
-    T_start = T_gt @ perturbation_about(scale[:, None] * direction, c)
+        rot[too_big] = (0.5 * (lo + hi))[:, None] * r0
+    # translation magnitude along its direction so that the mTRE equals the target
+    lo = torch.zeros(n, dtype=torch.float64)
+    hi = target.clamp(min=1e-3) * 2.0 + 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        below = err(rot, mid[:, None] * tdir_t) < target
+        lo = torch.where(below, mid, lo)
+        hi = torch.where(below, hi, mid)
+    trans = (0.5 * (lo + hi))[:, None] * tdir_t
+    trans[too_big] = 0.0
+    T_start = T_gt @ perturbation_about(torch.cat([rot, trans], dim=-1), c)
     return T_start, mtre(T_start, T_gt, pts)

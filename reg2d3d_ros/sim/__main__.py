@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sdd-mm", type=float, default=1020.0)
     ap.add_argument("--sid-mm", type=float, default=680.0)
     ap.add_argument("--detector-mm", type=float, default=307.2, help="detector width, mm")
-    ap.add_argument("--dose", type=float, default=1.0e4, help="photons per pixel (0 = no quantum noise)")
+    ap.add_argument("--dose", type=float, default=2.0e5, help="photons per pixel (0 = no quantum noise)")
+    ap.add_argument("--bone-contrast", type=float, default=1.8, help="bone excess attenuation at fluoroscopy vs CT energy")
     ap.add_argument("--display", default="attenuation", choices=["attenuation", "transmission"])
     ap.add_argument("--encoding", default="mono16", choices=["mono8", "mono16", "32FC1"])
     ap.add_argument("--objects", default="none", choices=["none", "wire", "screw", "both"])
@@ -52,11 +53,11 @@ def parse_view(text: str):
 
 def run(args) -> Path:
     """Simulate and write the bag described by parsed ``args``; returns the bag folder."""
-    from ..drr import DRRRenderer
     from ..example import example_paths
     from ..volume import load_ct
     from .bag import write_sequence_bag
     from .degrade import XrayDegradation
+    from .physics import xray_renderer
     from .scenarios import CArmSetup, make_objects, make_trajectory, structure_center, view_pose
     from .sequence import simulate_sequence
 
@@ -71,7 +72,7 @@ def run(args) -> Path:
     view = parse_view(args.view)
     T0 = view_pose(center, setup, view)
     poses = make_trajectory(args.trajectory, T0, args.frames, center, setup, view=view, fps=args.fps, seed=args.seed)
-    renderer = DRRRenderer.from_volume(ct.binned((args.bin, args.bin, 1)) if args.bin > 1 else ct)
+    renderer = xray_renderer(ct, bone_contrast=args.bone_contrast, binning=args.bin)
     deg = XrayDegradation(photons_per_pixel=args.dose or None, display=args.display, encoding=args.encoding)
     print(f"simulating {args.frames} frames ({args.trajectory}, view {args.view}, {args.size}x{args.size})", flush=True)
     seq = simulate_sequence(
