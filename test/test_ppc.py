@@ -1,0 +1,249 @@
+"""PPC: solver with known motion, MCCR with outliers, contours of an analytic shape, NGC search,
+3-D Canny on a phantom, and end-to-end registration / tracking on simulated frames."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from reg2d3d_ros.errors import ModelLoadError
+from reg2d3d_ros.geometry import CArmIntrinsics, project_points, so3_exp, transform_points
+from reg2d3d_ros.ppc import (
+    NO_DEPTH,
+    SurfacePoints,
+    canny_surface_points,
+    motion_about,
+    ngc_search,
+    select_contours,
+    solve_ppc,
+)
+from reg2d3d_ros.volume import CTVolume
+
+K = torch.tensor([[850.0, 0.0, 128.0], [0.0, 850.0, 128.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+
+
+def contour_points(n=400, seed=0):
+    """Random points near (0, 0, 700) mm with unit normals perpendicular to their viewing rays."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.tensor([5.0, -3.0, 700.0], dtype=torch.float64) + torch.randn(n, 3, generator=g, dtype=torch.float64) * torch.tensor([25.0, 25.0, 20.0], dtype=torch.float64)
+    r = w / w.norm(dim=-1, keepdim=True)
+    nrm = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    nrm = nrm - (nrm * r).sum(-1, keepdim=True) * r
+    return w, nrm / nrm.norm(dim=-1, keepdim=True)
+
+
+def project(w):
+    q = w @ K.T
+    return q[:, :2] / q[:, 2:]
+
+
+DV_TRUE = torch.tensor([0.01, -0.02, 0.015, 1.0, -0.5, 2.0], dtype=torch.float64)
+
+
+def test_pure_translation_is_recovered_exactly_in_one_step():
+    w, g = contour_points()
+    dv = torch.tensor([0.0, 0.0, 0.0, 1.5, -0.7, 3.0], dtype=torch.float64)
+    uv = project(w + dv[3:])
+    sol = solve_ppc(w[None], g[None], uv[None], K)
+    assert torch.allclose(sol.dv[0], dv, atol=1e-9)
+    assert float(sol.residual_mm.abs().max()) < 1e-9
+
+
+def test_known_motion_is_recovered_exactly_by_iterating():
+    w, g = contour_points()
+    M = motion_about(DV_TRUE[None], w.mean(0)[None])[0]
+    uv = project(transform_points(M, w))
+    one = solve_ppc(w[None], g[None], uv[None], K)
+    assert torch.allclose(one.dv[0, :3], DV_TRUE[:3], atol=5e-4)  # small-angle linearisation: close after one step
+    T = torch.eye(4, dtype=torch.float64)
+    for _ in range(6):
+        s = solve_ppc(transform_points(T, w)[None], (g @ T[:3, :3].T)[None], uv[None], K)
+        T = s.transform()[0] @ T
+    assert torch.allclose(T, M, atol=1e-9)
+
+
+def test_correspondences_only_constrain_across_the_contour():
+    """Sliding a correspondence along its image contour changes nothing (the aperture problem)."""
+    w, g = contour_points(200, seed=3)
+    M = motion_about(DV_TRUE[None], w.mean(0)[None])[0]
+    uv = project(transform_points(M, w))
+    # the image tangent of the contour at w: projection of t = r x g
+    r = w / w.norm(dim=-1, keepdim=True)
+    t3 = torch.linalg.cross(r, g, dim=-1)
+    t2 = project(w + 0.01 * t3) - project(w)
+    t2 = t2 / t2.norm(dim=-1, keepdim=True)
+    a = solve_ppc(w[None], g[None], uv[None], K).dv
+    b = solve_ppc(w[None], g[None], (uv + 3.0 * t2)[None], K).dv
+    assert torch.allclose(a, b, atol=0.02 * DV_TRUE.abs().max())
+
+
+def test_mccr_recovers_motion_with_30_percent_outliers():
+    w, g = contour_points(500, seed=1)
+    dv = torch.tensor([0.004, -0.006, 0.01, 0.8, -0.6, 1.0], dtype=torch.float64)
+    M = motion_about(dv[None], w.mean(0)[None])[0]
+    uv = project(transform_points(M, w))
+    gen = torch.Generator().manual_seed(2)
+    out = torch.rand(len(w), generator=gen) < 0.3
+    uv_bad = uv.clone()
+    uv_bad[out] += (torch.rand(int(out.sum()), 2, generator=gen, dtype=torch.float64) - 0.5) * 30.0  # +-15 px
+    plain = solve_ppc(w[None], g[None], uv_bad[None], K, robust="none")
+    robust = solve_ppc(w[None], g[None], uv_bad[None], K, robust="mccr", mccr_iterations=20)
+
+    def err(sol):
+        Mest = sol.transform()[0]
+        return float((transform_points(Mest, w) - transform_points(M, w)).norm(dim=-1).mean())
+
+    assert err(plain) > 0.5  # least squares is pulled away by the outliers
+    assert err(robust) < 0.1 * err(plain) and err(robust) < 0.1  # MCCR is not
+    assert float(robust.weights[0, out].mean()) < 0.2 * float(robust.weights[0, ~out].mean())
+
+
+def test_dof_mask_prior_and_anchor():
+    w, g = contour_points()
+    M = motion_about(DV_TRUE[None], w.mean(0)[None])[0]
+    uv = project(transform_points(M, w))
+    masked = solve_ppc(w[None], g[None], uv[None], K, dof_mask=NO_DEPTH)
+    assert float(masked.dv[0, 5]) == 0.0 and float(masked.dv[0, 3:5].abs().max()) > 0.3
+    strong = solve_ppc(w[None], g[None], uv[None], K, prior_precision=torch.full((6,), 1e9, dtype=torch.float64))
+    assert float(strong.dv.abs().max()) < 1e-4  # a tight prior on the update keeps it at zero
+    anchor = torch.zeros(6, dtype=torch.float64)
+    anchor[3] = 5.0  # we are 5 mm off the anchor along x: a tight anchor brings us back
+    pulled = solve_ppc(w[None], g[None], uv[None], K, anchor_precision=torch.tensor([0, 0, 0, 1e9, 0, 0], dtype=torch.float64), anchor_offset=anchor)
+    assert float(pulled.dv[0, 3]) == pytest.approx(-5.0, abs=1e-3)
+
+
+def test_contour_selection_on_a_sphere():
+    # surface points of a sphere of radius R centred on the principal ray at distance D
+    R, D = 30.0, 700.0
+    g = torch.Generator().manual_seed(0)
+    n = torch.randn(20000, 3, generator=g, dtype=torch.float64)
+    n = n / n.norm(dim=-1, keepdim=True)
+    centre = torch.tensor([0.0, 0.0, D], dtype=torch.float64)
+    pts = centre + R * n
+    normals = -n  # gradients point into the (dense) sphere
+    T = torch.eye(4, dtype=torch.float64)
+    c = select_contours(pts, normals, T, K, 256, 256, max_cos=0.05, cell_px=1.0)
+    assert len(c) > 100
+    r = c.w_opt / c.w_opt.norm(dim=-1, keepdim=True)
+    assert float((c.g_opt * r).sum(-1).abs().max()) <= 0.05
+    # the silhouette of a sphere seen from a point is a circle of radius f R / sqrt(D^2 - R^2)
+    radius = 850.0 * R / math.sqrt(D * D - R * R)
+    dist = (c.uv - torch.tensor([128.0, 128.0], dtype=torch.float64)).norm(dim=-1)
+    assert float((dist - radius).abs().max()) < 0.05 * 850.0 * R / D + 0.5  # |cos| <= 0.05 band
+    # 2-D normals point towards the inside of the silhouette (towards the bone)
+    inward = (torch.tensor([128.0, 128.0], dtype=torch.float64) - c.uv) / dist[:, None]
+    assert float((c.normal_2d * inward).sum(-1).min()) > 0.99
+    # one point per pixel cell
+    cells = set(map(tuple, torch.floor(c.uv).long().tolist()))
+    assert len(cells) == len(c)
+
+
+def test_ngc_search_finds_known_shift_along_normal():
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.functional.avg_pool2d(torch.rand(1, 1, 80, 80, generator=g, dtype=torch.float64), 5, 1, 2)[0, 0]
+    from reg2d3d_ros.ppc.matching import gradient_image
+
+    moving = gradient_image(base, 1.0)
+    shift = torch.tensor([2.4, -1.3], dtype=torch.float64)  # fixed = moving moved by this (pixels)
+    yy, xx = torch.meshgrid(torch.arange(80.0, dtype=torch.float64), torch.arange(80.0, dtype=torch.float64), indexing="ij")
+    grid = torch.stack([(xx - shift[0]) / 79 * 2 - 1, (yy - shift[1]) / 79 * 2 - 1], dim=-1)[None]
+    fixed = torch.nn.functional.grid_sample(moving[None], grid, align_corners=True, padding_mode="border")[0]
+    uv = torch.tensor([[30.0, 30.0], [45.0, 40.0], [35.0, 50.0]], dtype=torch.float64)
+    nrm = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, -1.0]], dtype=torch.float64)
+    uv_c, score, sh, at_limit = ngc_search(fixed, moving, uv, nrm, search_px=6, patch_half=3, patch_half_along=3)
+    assert torch.allclose(sh, nrm @ shift, atol=0.35)  # the shift's component along each normal
+    # the shift also has a component along the contour, which the search cannot undo: lower scores
+    assert bool((score > 0.5).all()) and not bool(at_limit.any())
+    _, _, _, lim = ngc_search(fixed, moving, uv[:1], nrm[:1], search_px=1, patch_half=3)
+    assert bool(lim.all())  # 2.4 px away but only +-1 searched: flagged
+
+
+def test_canny_surface_points_of_a_ball_phantom():
+    n, sp, R = 48, 1.0, 15.0
+    k, j, i = np.meshgrid(*[np.arange(n, dtype=float)] * 3, indexing="ij")
+    c = (n - 1) / 2
+    dist = np.sqrt((i - c) ** 2 + (j - c) ** 2 + (k - c) ** 2)
+    hu = np.where(dist <= R, 700.0, 0.0).astype(np.float32)
+    T = np.diag([sp, sp, sp, 1.0])
+    T[:3, 3] = -c * sp
+    ct = CTVolume(hu=hu, T_ct_from_ijk=T)
+    surf = canny_surface_points(ct, sigma_mm=1.0, low=30, high=80)
+    assert len(surf) > 500
+    r = np.linalg.norm(surf.pts_ct_mm, axis=1)
+    assert np.abs(r - R).max() < 0.5 * sp  # on the surface within half a voxel
+    radial = surf.pts_ct_mm / r[:, None]
+    assert (np.sum(surf.normals_ct * radial, axis=1) < -0.95).all()  # gradients point into the ball
+
+
+def test_surface_points_save_load(tmp_path):
+    sp = SurfacePoints(np.random.rand(10, 3), np.eye(3)[np.arange(10) % 3], np.ones(10))
+    sp.save(tmp_path / "s.npz")
+    back = SurfacePoints.load(tmp_path / "s.npz")
+    assert np.array_equal(back.pts_ct_mm, sp.pts_ct_mm) and np.array_equal(back.normals_ct, sp.normals_ct)
+    (tmp_path / "bad.npz").write_bytes(b"garbage")
+    with pytest.raises(ModelLoadError):
+        SurfacePoints.load(tmp_path / "bad.npz")
+
+
+@pytest.fixture(scope="module")
+def tuning_lateral_case():  # noqa: D103
+    from reg2d3d_ros.eval.cases import CaseSet, make_cases
+    from reg2d3d_ros.example import load_example
+    from reg2d3d_ros.ppc import PPCRegistrator
+
+    ct = load_example()
+    # a tuning case (T7 lateral) whose PPC optimum lies near the ground truth (0.6 mm from it);
+    # the statistics over all cases are the evaluation's job (reg2d3d_ros.eval.run_ppc)
+    case = make_cases(ct, CaseSet("t", ("T7",), views=("lateral",), seed=1001), 1)[0]
+    return ct, case, PPCRegistrator.from_ct(ct, "T7")
+
+
+def test_end_to_end_registration_from_5mm(tuning_lateral_case):
+    from reg2d3d_ros.eval import mrpd, random_starts
+
+    ct, case, reg = tuning_lateral_case
+    # 5 mm starts led by translation (rotation <= 5 deg), as from a C-arm's angles
+    starts, e0 = random_starts(case.T_gt, case.target_pts, 3, min_mtre_mm=4.9, max_mtre_mm=5.1, seed=4, max_rotation_deg=5.0)
+    for k in range(3):
+        before = float(mrpd(starts[k], case.T_gt, case.target_pts))
+        r = reg.register(case.image_att, case.intrinsics, starts[k])
+        after = float(mrpd(r.T_optical_from_ct, case.T_gt, case.target_pts))
+        assert after < 2.0 and after < before, f"start {k}: mRPD {before:.2f} -> {after:.2f}"
+        assert r.inlier_fraction > 0.3 and r.iterations >= 3
+
+
+def test_tracking_follows_smooth_motion(tuning_lateral_case):
+    from reg2d3d_ros.eval import mrpd
+    from reg2d3d_ros.images import to_attenuation
+    from reg2d3d_ros.sim import CArmSetup, XrayDegradation, make_trajectory, simulate_sequence, xray_renderer
+
+    ct, case, reg = tuning_lateral_case
+    setup = CArmSetup()
+    centre = case.target_pts.mean(0).numpy()
+    poses = make_trajectory("smooth", case.T_gt, 6, centre, setup, seed=1000)
+    seq = simulate_sequence(xray_renderer(ct), setup.intrinsics(), poses, XrayDegradation(), seed=1)
+    T = poses[0]
+    for f in range(1, 6):
+        r = reg.track(to_attenuation(seq.images[f].astype(np.float32), "attenuation"), setup.intrinsics(), T)
+        T = r.T_optical_from_ct
+        assert float(mrpd(T, poses[f], case.target_pts)) < 2.0  # the success threshold
+    assert float(mrpd(poses[0], poses[-1], case.target_pts)) > 0.1  # it did move
+    assert torch.is_tensor(so3_exp(torch.zeros(3)))
+    assert project_points is not None and CArmIntrinsics is not None
+
+
+def test_levels_mean_the_same_physical_pixel_size():
+    from reg2d3d_ros.geometry import CArmIntrinsics
+    from reg2d3d_ros.ppc import PPCConfig
+    from reg2d3d_ros.ppc.register import effective_levels
+
+    cfg = PPCConfig()  # levels (0.25, 0.5, 1.0), iterations (8, 8, 6), search (6, 6, 4)
+    ref = CArmIntrinsics.from_detector(1020.0, 0.6, 512, 512)
+    assert effective_levels(cfg, ref) == [(0.25, 8, 6), (0.5, 8, 6), (1.0, 6, 4)]
+    half = CArmIntrinsics.from_detector(1020.0, 1.2, 256, 256)  # 2x coarser pixels
+    assert effective_levels(cfg, half) == [(0.5, 8, 6), (1.0, 6, 4)]  # 0.5 and 1.0 merged, the finer kept
+    fine = CArmIntrinsics.from_detector(1020.0, 0.3, 1024, 1024)  # finer frames: factors as given
+    assert effective_levels(cfg, fine) == [(0.25, 8, 6), (0.5, 8, 6), (1.0, 6, 4)]
+    coarse = CArmIntrinsics.from_detector(1020.0, 4.8, 64, 64)
+    assert effective_levels(cfg, coarse) == [(1.0, 6, 4)]
