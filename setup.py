@@ -26,6 +26,9 @@ setup(
     python_requires=">=3.10",
     entry_points={
         "console_scripts": [
+            f"registration_node = {PACKAGE}.registration_node:main",
+            f"reg2d3d_replay = {PACKAGE}.ros.replay:main",
+            f"reg2d3d_record = {PACKAGE}.ros.record:main",
             f"reg2d3d_demo = {PACKAGE}.demo:main",
             f"reg2d3d_simulate = {PACKAGE}.sim.__main__:main",
             f"reg2d3d_example = {PACKAGE}.example:main",

@@ -1,0 +1,59 @@
+"""Start the registration node, optionally replaying a bag into it (full ROS 2 install).
+
+    ros2 launch reg2d3d_ros registration.launch.py ct_path:=/data/ct.nii.gz \
+        labels_path:=/data/labels.nii.gz label_table_path:=/data/structures.csv target:=T8 \
+        [bag:=/data/sequence_bag rate:=1.0] [params_file:=my_registration.yaml]
+
+Defaults come from the package's config/registration.yaml. Fast DDS's LARGE_DATA builtin
+transports are enabled for every process started here, so large images arrive complete.
+"""
+
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, ExecuteProcess, SetEnvironmentVariable
+from launch.conditions import IfCondition
+from launch.substitutions import LaunchConfiguration, PathJoinSubstitution, PythonExpression
+from launch_ros.actions import Node
+from launch_ros.substitutions import FindPackageShare
+
+
+def generate_launch_description():
+    """Launch description: arguments, the node and an optional `ros2 bag play`."""
+    default_params = PathJoinSubstitution([FindPackageShare("reg2d3d_ros"), "config", "registration.yaml"])
+    args = [
+        DeclareLaunchArgument("ct_path", description="CT volume (file or DICOM folder)"),
+        DeclareLaunchArgument("labels_path", description="label map of the CT"),
+        DeclareLaunchArgument("label_table_path", default_value="", description="CSV naming the labels"),
+        DeclareLaunchArgument("target", default_value="T8", description="structure to register"),
+        DeclareLaunchArgument("intensity", default_value="attenuation", description="attenuation or transmission"),
+        DeclareLaunchArgument("models_dir", default_value="", description="folder of model files (checked at start-up)"),
+        DeclareLaunchArgument("backend", default_value="auto", description="auto, tensorrt, onnxruntime or pytorch"),
+        DeclareLaunchArgument("device", default_value="auto", description="auto, cpu or cuda"),
+        DeclareLaunchArgument("params_file", default_value=default_params, description="parameter file"),
+        DeclareLaunchArgument("bag", default_value="", description="rosbag2 to replay into the node (empty: none)"),
+        DeclareLaunchArgument("rate", default_value="1.0", description="replay rate"),
+    ]
+    node = Node(
+        package="reg2d3d_ros",
+        executable="registration_node",
+        name="registration_node",
+        output="screen",
+        parameters=[
+            LaunchConfiguration("params_file"),
+            {
+                "ct_path": LaunchConfiguration("ct_path"),
+                "labels_path": LaunchConfiguration("labels_path"),
+                "label_table_path": LaunchConfiguration("label_table_path"),
+                "target": LaunchConfiguration("target"),
+                "intensity": LaunchConfiguration("intensity"),
+                "models_dir": LaunchConfiguration("models_dir"),
+                "backend": LaunchConfiguration("backend"),
+                "device": LaunchConfiguration("device"),
+            },
+        ],
+    )
+    replay = ExecuteProcess(
+        cmd=["ros2", "bag", "play", LaunchConfiguration("bag"), "--rate", LaunchConfiguration("rate")],
+        output="screen",
+        condition=IfCondition(PythonExpression(["'", LaunchConfiguration("bag"), "' != ''"])),
+    )
+    return LaunchDescription([SetEnvironmentVariable("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA"), *args, node, replay])

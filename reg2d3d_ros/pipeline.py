@@ -1,0 +1,300 @@
+"""The registration pipeline behind the ROS node, without ROS (conventions: :mod:`reg2d3d_ros.geometry`).
+
+States (the ``state`` field the node reports on ``/diagnostics``):
+
+``waiting_for_ct``
+    the CT and the target are not loaded (loading, or loading failed: see ``last_error``);
+``initialising``
+    the next usable frame is registered from an initial pose (a pose given with
+    :meth:`RegistrationPipeline.set_initial_pose`, else the last good pose; the SCR initialiser
+    plugs in here once it exists);
+``tracking``
+    every usable frame is tracked from the previous frame's pose;
+``lost``
+    the last frame's registration was judged unreliable (confidence below the thresholds): no
+    pose was published for it and the next frame is initialised afresh.
+
+A frame that cannot be used (wrong encoding, size that disagrees with the camera info, NaN or
+constant pixels, no camera info yet) produces no pose and a :class:`FrameResult` whose ``error``
+says why; the state does not change. Every method is called from one worker thread by the node;
+:meth:`set_initial_pose`, :meth:`set_camera_info` and :meth:`reset` may be called from other
+threads (they only store values under a lock).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, ImageError, Reg2D3DError
+from .geometry.camera import CArmIntrinsics
+from .images import decode_image, to_attenuation
+
+WAITING_FOR_CT = "waiting_for_ct"
+INITIALISING = "initialising"
+TRACKING = "tracking"
+LOST = "lost"
+
+
+@dataclass
+class PipelineConfig:
+    """What the pipeline registers and how (the node's parameters map onto this).
+
+    Attributes
+    ----------
+    ct_path, labels_path, label_table_path : str
+        CT (file or DICOM folder), its label map and the label names CSV ('' for none).
+    target : str
+        Structure to register (label name such as ``T8``, or an id).
+    intensity : str
+        ``attenuation`` or ``transmission`` (what the frames' pixel values mean).
+    tracker : str
+        ``ppc`` (classic PPC; learned trackers plug in here later).
+    lost_inlier_fraction : float
+        A registration whose inlier fraction is below this is judged lost.
+    lost_relative_fraction : float
+        A registration whose inlier fraction falls below this fraction of the recent level (the
+        median over the last ten accepted frames, once there are three) is judged lost: a sudden
+        motion beyond the tracker's search range, or an occlusion, shows as such a drop while the
+        absolute level varies with the vertebra and view. The level survives a loss, so a
+        re-initialisation that lands on a worse optimum (e.g. a neighbouring vertebra) is
+        rejected too; a new initial pose or a reset clears it.
+    min_correspondences : int
+        A registration with fewer contour correspondences is judged lost.
+    models_dir : str
+        Folder of model files ('' for none); every model file in it is checked at load time.
+    backend, device : str
+        Inference back-end (``auto``, ``tensorrt``, ``onnxruntime``, ``pytorch``) and device
+        (``auto``, ``cpu``, ``cuda``) for the learned components (:mod:`reg2d3d_ros.engines`).
+    """
+
+    ct_path: str = ""
+    labels_path: str = ""
+    label_table_path: str = ""
+    target: str = "T8"
+    intensity: str = "attenuation"
+    tracker: str = "ppc"
+    lost_inlier_fraction: float = 0.3
+    lost_relative_fraction: float = 0.85
+    min_correspondences: int = 30
+    models_dir: str = ""
+    backend: str = "auto"
+    device: str = "auto"
+
+
+@dataclass
+class FrameResult:
+    """Outcome of :meth:`RegistrationPipeline.process`.
+
+    Attributes
+    ----------
+    T_optical_from_ct : torch.Tensor or None
+        ``(4, 4)`` float64 pose in mm to publish, or None (nothing to publish for this frame).
+    state : str
+        Pipeline state after the frame.
+    error : str
+        Why the frame produced no pose ('' when a pose was produced).
+    confidence : float
+        Inlier fraction of the registration (0 if none ran).
+    seconds : float
+        Processing time of the frame.
+    image : np.ndarray or None
+        ``(H, W)`` float32 attenuation-like frame (when it could be decoded), for the overlay.
+    intrinsics : CArmIntrinsics or None
+        The camera the frame was registered with.
+    """
+
+    T_optical_from_ct: torch.Tensor | None
+    state: str
+    error: str = ""
+    confidence: float = 0.0
+    seconds: float = 0.0
+    details: dict = field(default_factory=dict)
+    image: np.ndarray | None = None
+    intrinsics: CArmIntrinsics | None = None
+
+
+class RegistrationPipeline:
+    """Frame-by-frame registration of X-ray frames to one structure of a CT."""
+
+    def __init__(self, config: PipelineConfig):
+        if config.intensity not in ("attenuation", "transmission"):
+            raise ConfigError(f"intensity must be 'attenuation' or 'transmission', got {config.intensity!r}")
+        if config.tracker != "ppc":
+            raise ConfigError(f"tracker {config.tracker!r} is not available (available: ppc)")
+        from .engines import BACKENDS, DEVICES
+
+        if config.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {config.backend!r}")
+        if config.device not in DEVICES:
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {config.device!r}")
+        self.config = config
+        self.backend = ""
+        self.device = ""
+        self.models: list = []
+        self.state = WAITING_FOR_CT
+        self.last_error = ""
+        self.registrator = None
+        self._lock = threading.Lock()
+        self._intrinsics: CArmIntrinsics | None = None
+        self._initial_pose: torch.Tensor | None = None
+        self._last_good: torch.Tensor | None = None
+        self._previous: torch.Tensor | None = None
+        self._recent_inliers: list = []  # inlier fractions of the frames accepted since the last initialisation
+
+    # -- set-up ------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Check back-end and model files, load the CT, prepare the target. Raises Reg2D3DError."""
+        from .engines import check_models_dir, resolve_backend, resolve_device
+        from .ppc import PPCRegistrator
+        from .volume import load_ct
+
+        cfg = self.config
+        self.device = resolve_device(cfg.device)
+        self.backend = resolve_backend(cfg.backend, cfg.device)
+        self.models = check_models_dir(cfg.models_dir)
+        if not cfg.ct_path:
+            raise ConfigError("no CT given: set the parameter ct_path")
+        if not cfg.labels_path:
+            raise ConfigError("no label map given: set labels_path (the target structure is selected from it)")
+        ct = load_ct(cfg.ct_path, labels_path=cfg.labels_path, label_table=cfg.label_table_path or None)
+        self.registrator = PPCRegistrator.from_ct(ct, cfg.target)
+        with self._lock:
+            self.state = INITIALISING
+
+    def fail_load(self, message: str) -> None:
+        """Record a loading failure (the pipeline stays in ``waiting_for_ct``)."""
+        with self._lock:
+            self.state = WAITING_FOR_CT
+            self.last_error = message
+
+    def set_camera_info(self, k, width: int, height: int) -> None:
+        """Latest camera intrinsics (``sensor_msgs/CameraInfo`` K, width, height)."""
+        intr = CArmIntrinsics.from_camera_info(k, width, height)
+        with self._lock:
+            self._intrinsics = intr
+
+    def set_initial_pose(self, T_optical_from_ct_mm: torch.Tensor) -> None:
+        """A pose guess that replaces the initialisation on the next frame."""
+        T = torch.as_tensor(T_optical_from_ct_mm, dtype=torch.float64)
+        if T.shape != (4, 4) or not bool(torch.isfinite(T).all()):
+            raise ConfigError("initial pose must be a finite 4x4 transform")
+        with self._lock:
+            self._initial_pose = T
+            self._recent_inliers = []
+            if self.state in (TRACKING, LOST):
+                self.state = INITIALISING
+
+    def reset(self) -> None:
+        """Forget the current pose (and the last good one): the next frame is initialised afresh.
+
+        Without the SCR initialiser this means waiting for a pose on the initial-pose input.
+        """
+        with self._lock:
+            self._previous = None
+            self._last_good = None
+            self._recent_inliers = []
+            if self.state != WAITING_FOR_CT:
+                self.state = INITIALISING
+
+    # -- per frame -------------------------------------------------------------------------
+    def check_frame(self, encoding: str, height: int, width: int, step: int, data, is_bigendian: int = 0):
+        """Decode and validate a frame; returns ``(attenuation image (H, W) float32, intrinsics)``.
+
+        Raises
+        ------
+        ImageError
+            Unusable frame (encoding, size, pixels) or no camera info yet.
+        """
+        with self._lock:
+            intr = self._intrinsics
+        if intr is None:
+            raise ImageError("no camera_info received yet: cannot use the frame")
+        if (width, height) != (intr.width, intr.height):
+            raise ImageError(f"frame is {width}x{height} but camera_info says {intr.width}x{intr.height}")
+        raw = decode_image(encoding, height, width, step, data, is_bigendian)
+        return to_attenuation(raw, self.config.intensity), intr
+
+    def process(self, encoding: str, height: int, width: int, step: int, data, is_bigendian: int = 0) -> FrameResult:
+        """Register one frame (the node calls this from its worker thread)."""
+        t0 = time.perf_counter()
+        with self._lock:
+            state = self.state
+        if state == WAITING_FOR_CT or self.registrator is None:
+            return FrameResult(None, state, f"CT not loaded{': ' + self.last_error if self.last_error else ''}", seconds=time.perf_counter() - t0)
+        try:
+            image, intr = self.check_frame(encoding, height, width, step, data, is_bigendian)
+        except ImageError as exc:
+            return FrameResult(None, state, str(exc), seconds=time.perf_counter() - t0)
+
+        with self._lock:
+            initial, self._initial_pose = self._initial_pose, None
+            previous = self._previous
+            last_good = self._last_good
+        try:
+            if initial is not None or state in (INITIALISING, LOST) or previous is None:
+                start = initial if initial is not None else (last_good if last_good is not None else None)
+                if start is None:
+                    msg = "no initial pose: publish one on the initial_pose topic (the SCR initialiser is not available yet)"
+                    with self._lock:
+                        self.state = INITIALISING
+                    return FrameResult(None, INITIALISING, msg, seconds=time.perf_counter() - t0, image=image, intrinsics=intr)
+                result = self.registrator.register(image, intr, start)
+                mode = "initialise"
+            else:
+                result = self.registrator.track(image, intr, previous)
+                mode = "track"
+        except Reg2D3DError as exc:
+            return FrameResult(None, state, str(exc), seconds=time.perf_counter() - t0)
+
+        cfg = self.config
+        with self._lock:
+            recent = list(self._recent_inliers)
+        reference = float(np.median(recent[-10:])) if len(recent) >= 3 else None
+        why = ""
+        if result.inlier_fraction < cfg.lost_inlier_fraction:
+            why = f"tracking lost: inlier fraction {result.inlier_fraction:.2f} < {cfg.lost_inlier_fraction}"
+        elif result.n_correspondences < cfg.min_correspondences:
+            why = f"tracking lost: {result.n_correspondences} correspondences < {cfg.min_correspondences}"
+        elif reference is not None and result.inlier_fraction < cfg.lost_relative_fraction * reference:
+            why = (f"tracking lost: inlier fraction {result.inlier_fraction:.2f} dropped below {cfg.lost_relative_fraction} x its recent "
+                   f"level {reference:.2f} (sudden motion or occlusion)" if mode == "track" else
+                   f"re-initialisation rejected: inlier fraction {result.inlier_fraction:.2f} below {cfg.lost_relative_fraction} x the "
+                   f"level {reference:.2f} before the loss (wrong optimum?); publish an initial pose or call ~/reset")
+        ok = not why
+        details = {"mode": mode, "iterations": result.iterations, "correspondences": result.n_correspondences, "mean_ngc": result.mean_ngc,
+                   "reference_inlier_fraction": reference}
+        with self._lock:
+            if ok:
+                self.state = TRACKING
+                self._previous = result.T_optical_from_ct
+                self._last_good = result.T_optical_from_ct
+                self._recent_inliers = (recent + [result.inlier_fraction])[-10:]
+            else:
+                self.state = LOST
+                self._previous = None
+            new_state = self.state
+        if not ok:
+            return FrameResult(None, new_state, why, result.inlier_fraction, time.perf_counter() - t0, details, image, intr)
+        return FrameResult(result.T_optical_from_ct, new_state, "", result.inlier_fraction, time.perf_counter() - t0, details, image, intr)
+
+    def overlay(self, result: FrameResult) -> np.ndarray:
+        """RGB ``(H, W, 3)`` uint8: the frame of a result with the target's projected contours at its pose."""
+        from .ppc import select_contours
+        from .viz import to_display_u8
+
+        if result.T_optical_from_ct is None or result.image is None:
+            raise ValueError("overlay needs a result with a pose and a decoded frame")
+        h, w = result.image.shape
+        rgb = np.repeat(to_display_u8(result.image)[..., None], 3, axis=-1)
+        c = select_contours(
+            self.registrator.pts, self.registrator.normals, result.T_optical_from_ct.to(torch.float64),
+            result.intrinsics.K(torch.float64), h, w, max_cos=0.15, cell_px=1.0,
+        )
+        uv = torch.round(c.uv).long().numpy()
+        rgb[uv[:, 1], uv[:, 0]] = (40, 230, 60)
+        return rgb

@@ -1,0 +1,153 @@
+"""Helpers to drive the node on a real ROS 2 graph: node processes, an isolated client participant.
+
+Used by the node tests, the node benchmark and the demo. :func:`graph_env` gives each run its
+own ``ROS_DOMAIN_ID`` and the large-data transport; :class:`TestGraph` is a client participant
+spinning in a background thread that collects ``(receive time, message)`` per topic.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def graph_env(tmp_path: Path, domain_id: int | None = None) -> dict:
+    """Environment of a test's processes: its own domain, log folder and large-data transport."""
+    env = dict(os.environ)
+    env["ROS_DOMAIN_ID"] = str(domain_id if domain_id is not None else random.randint(101, 200))
+    env["ROS_LOG_DIR"] = str(tmp_path / "ros_log")
+    env["FASTDDS_BUILTIN_TRANSPORTS"] = "LARGE_DATA"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("HOME", str(tmp_path))
+    return env
+
+
+def start_node(env: dict, params: dict, log_path: Path) -> subprocess.Popen:
+    """Start ``python -m reg2d3d_ros.registration_node`` with parameters as a real process."""
+    args = [sys.executable, "-m", "reg2d3d_ros.registration_node", "--ros-args"]
+    for k, v in params.items():
+        args += ["-p", f"{k}:={v}"]
+    log = open(log_path, "w")
+    return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGINT, then kill if it does not exit."""
+    if proc.poll() is None:
+        proc.send_signal(2)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class TestGraph:
+    """A test-side rclpy participant in the test's domain, spinning in a background thread."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, env: dict):
+        import rclpy
+        from rclpy.context import Context
+        from rclpy.executors import SingleThreadedExecutor
+
+        os.environ["ROS_LOG_DIR"] = env["ROS_LOG_DIR"]
+        # both ends of a large-data connection need the same builtin transports (read when the
+        # participant is created)
+        os.environ["FASTDDS_BUILTIN_TRANSPORTS"] = env["FASTDDS_BUILTIN_TRANSPORTS"]
+        self.context = Context()
+        rclpy.init(context=self.context, domain_id=int(env["ROS_DOMAIN_ID"]))
+        self.node = rclpy.create_node("reg2d3d_test_graph", context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self.lock = threading.Lock()
+        self.received = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._thread.start()
+
+    def _spin(self):
+        while not self._stop:
+            self.executor.spin_once(timeout_sec=0.02)
+
+    def subscribe(self, msg_type, topic: str, qos=None) -> list:
+        """Collect ``(receive time, message)`` of a topic into a list (returned)."""
+        from rclpy.qos import QoSProfile
+
+        box = self.received.setdefault(topic, [])
+
+        def cb(msg):
+            with self.lock:
+                box.append((time.monotonic(), msg))
+
+        self.node.create_subscription(msg_type, topic, cb, qos or QoSProfile(depth=100))
+        return box
+
+    def publisher(self, msg_type, topic: str, qos=None, wait_subscribers: int = 1, timeout: float = 20.0):
+        """A publisher, after its subscribers (the node) matched."""
+        from rclpy.qos import QoSProfile
+
+        pub = self.node.create_publisher(msg_type, topic, qos or QoSProfile(depth=10))
+        deadline = time.monotonic() + timeout
+        while pub.get_subscription_count() < wait_subscribers:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no subscriber matched {topic}")
+            time.sleep(0.02)
+        return pub
+
+    def wait_for(self, predicate, timeout: float, what: str = "condition"):
+        """Poll ``predicate()`` until true or time out (raises)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                value = predicate()
+            if value:
+                return value
+            time.sleep(0.02)
+        raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+    def close(self):
+        import rclpy
+
+        self._stop = True
+        self._thread.join(timeout=2)
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.shutdown(context=self.context)
+
+
+def last_diagnostics(received: list) -> dict:
+    """Key/values of the newest registration status on /diagnostics ({} if none)."""
+    for _, msg in reversed(received):
+        for st in msg.status:
+            if st.name.startswith("reg2d3d_ros"):
+                d = {kv.key: kv.value for kv in st.values}
+                d["_level"] = int.from_bytes(st.level, "little") if isinstance(st.level, bytes) else int(st.level)
+                d["_message"] = st.message
+                return d
+    return {}
+
+
+def image_msg(arr: np.ndarray, encoding: str, stamp_ns: int, frame_id: str = "carm_optical"):
+    """A sensor_msgs/Image of an array (any dtype matching the encoding's size)."""
+    from sensor_msgs.msg import Image
+
+    msg = Image()
+    msg.header.stamp.sec, msg.header.stamp.nanosec = int(stamp_ns // 10**9), int(stamp_ns % 10**9)
+    msg.header.frame_id = frame_id
+    msg.height, msg.width = arr.shape[:2]
+    msg.encoding = encoding
+    msg.is_bigendian = 0
+    msg.step = arr.strides[0]
+    msg.data = np.ascontiguousarray(arr).tobytes()
+    return msg

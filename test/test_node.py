@@ -1,0 +1,382 @@
+"""The registration node as a real process on a real DDS graph (each test in its own domain).
+
+A simulated sequence (vertebra T7, lateral view, smooth motion, 256x256 mono16) is written as a
+rosbag2 bag; the tests feed it to the node in lock-step, through the replay tool, as a 3x
+overload, and interleaved with bad inputs.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from ros_graph import REPO, TestGraph, graph_env, image_msg, last_diagnostics, start_node, stop_process
+
+N_FRAMES = 12
+
+
+@pytest.fixture(scope="module")
+def sim_bag(tmp_path_factory):
+    """A simulated bag (T7 lateral, smooth motion), its ground truth and the node parameters."""
+    from reg2d3d_ros.example import example_paths, load_example
+    from reg2d3d_ros.sim import CArmSetup, XrayDegradation, make_trajectory, simulate_sequence, structure_center, xray_renderer
+    from reg2d3d_ros.sim.bag import write_sequence_bag
+
+    from reg2d3d_ros.eval.cases import CaseSet, make_cases
+
+    ct = load_example()
+    setup = CArmSetup()
+    c = structure_center(ct, "T7")
+    # the view of the PPC unit test's case (T7 lateral, seed 1001), whose PPC optimum lies near
+    # the ground truth; PPC's statistics over many cases are reported by reg2d3d_ros.eval.run_ppc
+    T0 = make_cases(ct, CaseSet("t", ("T7",), views=("lateral",), seed=1001), 1)[0].T_gt
+    poses = make_trajectory("smooth", T0, N_FRAMES, c, setup, seed=7)
+    seq = simulate_sequence(xray_renderer(ct), setup.intrinsics(), poses, XrayDegradation(), seed=7)
+    path = write_sequence_bag(seq, tmp_path_factory.mktemp("bag") / "seq")
+    # a sudden 15 mm jump (patient or table moved) after frame 3: two frames at the jumped pose
+    T_jump = poses[3].clone()
+    T_jump[0, 3] += 15.0
+    jump = simulate_sequence(xray_renderer(ct), setup.intrinsics(), torch.stack([T_jump, T_jump]), XrayDegradation(), seed=8,
+                             start_ns=int(seq.stamps_ns[-1]) + 10**9)
+    ex = example_paths()
+    params = {"ct_path": ex.ct, "labels_path": ex.labels, "label_table_path": ex.label_table, "target": "T7"}
+    pts = torch.from_numpy(ct.label_points_ct_mm([37], max_points=500))
+    return {"path": path, "seq": seq, "params": params, "pts": pts, "jump": jump}
+
+
+def bag_messages(path):
+    """``[(topic, msgtype, stamp_ns, raw bytes)]`` of a bag, in order."""
+    from rosbags.rosbag2 import Reader
+
+    out = []
+    with Reader(path) as r:
+        for conn, t, raw in r.messages():
+            out.append((conn.topic, conn.msgtype, t, bytes(raw)))
+    return out
+
+
+class NodeUnderTest:
+    """The node process plus a test-side participant with the node's outputs subscribed."""
+
+    def __init__(self, tmp_path, params, extra=None):
+        from diagnostic_msgs.msg import DiagnosticArray
+        from geometry_msgs.msg import PoseStamped
+        from tf2_msgs.msg import TFMessage
+
+        self.env = graph_env(tmp_path, random.randint(101, 230))
+        p = dict(params)
+        p["diagnostics_period"] = 0.2
+        p.update(extra or {})
+        self.proc = start_node(self.env, p, tmp_path / "node.log")
+        self.log = tmp_path / "node.log"
+        self.g = TestGraph(self.env)
+        self.poses = self.g.subscribe(PoseStamped, "/registration/pose")
+        self.tf = self.g.subscribe(TFMessage, "/tf")
+        self.diag = self.g.subscribe(DiagnosticArray, "/diagnostics")
+
+    def publishers(self):
+        from geometry_msgs.msg import PoseStamped
+        from rclpy.qos import qos_profile_sensor_data
+        from sensor_msgs.msg import CameraInfo, Image
+
+        self.img_pub = self.g.publisher(Image, "/carm/image", qos_profile_sensor_data)
+        self.info_pub = self.g.publisher(CameraInfo, "/carm/camera_info", qos_profile_sensor_data)
+        self.init_pub = self.g.publisher(PoseStamped, "/registration/initial_pose")
+
+    def wait_state(self, state, timeout=60.0):
+        return self.g.wait_for(lambda: last_diagnostics(self.diag).get("state") == state, timeout, f"state {state}")
+
+    def diag_now(self):
+        with self.g.lock:
+            return last_diagnostics(self.diag)
+
+    def close(self):
+        self.g.close()
+        stop_process(self.proc)
+
+
+@pytest.fixture
+def node_factory(tmp_path):
+    made = []
+
+    def make(params, extra=None, sub=""):
+        d = tmp_path / (sub or f"n{len(made)}")
+        d.mkdir()
+        n = NodeUnderTest(d, params, extra)
+        made.append(n)
+        return n
+
+    yield make
+    for n in made:
+        n.close()
+
+
+def send_info_and_initial_pose(n, bag_msgs, seq):
+    from geometry_msgs.msg import PoseStamped
+    from rclpy.serialization import deserialize_message
+    from sensor_msgs.msg import CameraInfo
+
+    info = next(deserialize_message(raw, CameraInfo) for topic, _, _, raw in bag_msgs if topic == "/carm/camera_info")
+    n.info_pub.publish(info)
+    gt = next(deserialize_message(raw, PoseStamped) for topic, _, _, raw in bag_msgs if topic == "/carm/ground_truth_pose")
+    n.init_pub.publish(gt)  # the ground truth of frame 0 as the initial guess (no SCR yet)
+    time.sleep(0.5)
+
+
+def frames_of(bag_msgs):
+    from rclpy.serialization import deserialize_message
+    from sensor_msgs.msg import Image
+
+    return [deserialize_message(raw, Image) for topic, _, _, raw in bag_msgs if topic == "/carm/image"]
+
+
+def mrpd_of(pose_msg, T_gt, pts):
+    from reg2d3d_ros.eval import mrpd
+    from reg2d3d_ros.geometry import pose_m_to_transform
+
+    p, q = pose_msg.pose.position, pose_msg.pose.orientation
+    T = pose_m_to_transform(torch.tensor([p.x, p.y, p.z], dtype=torch.float64), torch.tensor([q.x, q.y, q.z, q.w], dtype=torch.float64))
+    return float(mrpd(T, torch.as_tensor(T_gt), pts))
+
+
+def test_every_frame_answered_with_copied_header_and_tf(sim_bag, node_factory):
+    n = node_factory(sim_bag["params"])
+    n.wait_state("initialising")
+    n.publishers()
+    msgs = bag_messages(sim_bag["path"])
+    send_info_and_initial_pose(n, msgs, sim_bag["seq"])
+    frames = frames_of(msgs)
+    for i, f in enumerate(frames):  # lock-step: the next frame after the pose of this one
+        n.img_pub.publish(f)
+        n.g.wait_for(lambda: len(n.poses) > i, 30.0, f"pose of frame {i}")
+    assert n.proc.poll() is None
+    seq = sim_bag["seq"]
+    for i, (_, pose) in enumerate(n.poses):
+        stamp = pose.header.stamp.sec * 10**9 + pose.header.stamp.nanosec
+        assert stamp == int(seq.stamps_ns[i])  # header copied from its image
+        assert pose.header.frame_id == "carm_optical"
+        err = mrpd_of(pose, seq.poses_mm[i], sim_bag["pts"])
+        assert err < 2.0, f"frame {i}: mRPD {err:.2f} mm"  # within the tracker's accuracy (success criterion)
+    n.g.wait_for(lambda: len(n.tf) >= len(frames), 5.0, "TF messages")
+    tf0 = n.tf[0][1].transforms[0]
+    assert tf0.header.frame_id == "carm_optical" and tf0.child_frame_id == "ct"
+    assert tf0.header.stamp == n.poses[0][1].header.stamp
+    assert tf0.transform.translation.x == pytest.approx(n.poses[0][1].pose.position.x)
+    d = n.g.wait_for(lambda: last_diagnostics(n.diag).get("poses_published") == str(len(frames)) and last_diagnostics(n.diag), 5.0, "diagnostics")
+    assert d["state"] == "tracking" and d["_level"] == 0
+
+
+def test_replay_tool_feeds_the_node_and_recorder_writes_outputs(sim_bag, node_factory, tmp_path):
+    from rosbags.rosbag2 import Reader
+
+    n = node_factory(sim_bag["params"])
+    n.wait_state("initialising")
+    n.publishers()
+    msgs = bag_messages(sim_bag["path"])
+    send_info_and_initial_pose(n, msgs, sim_bag["seq"])
+    n.img_pub.publish(frames_of(msgs)[0])  # initialise first (a full registration takes seconds)
+    n.g.wait_for(lambda: len(n.poses) == 1, 30.0, "initialisation")
+    rec_bag = tmp_path / "outputs"
+    before = len(n.poses)  # published before the recorder existed
+    rec = subprocess.Popen([sys.executable, "-m", "reg2d3d_ros.record", str(rec_bag), "--topics", "/registration/pose", "/tf", "--duration", "25"],
+                           env=n.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(2.0)  # the recorder's subscriptions match
+    # replay at a fifth of real time (a frame every 0.33 s): the tracker keeps up with it
+    res = subprocess.run([sys.executable, "-m", "reg2d3d_ros.replay", str(sim_bag["path"]), "--rate", "0.2", "--qos", "sensor",
+                          "--exclude", "/carm/ground_truth_pose", "--wait-subscribers", "1"],
+                         env=n.env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert f"replayed {3 * N_FRAMES - N_FRAMES} messages" in res.stdout
+    n.g.wait_for(lambda: len(n.poses) >= 1 + N_FRAMES // 2, 20.0, "poses from the replayed frames")
+    time.sleep(2.0)
+    bag_stamps = {int(s) for s in sim_bag["seq"].stamps_ns}
+    got = [p.header.stamp.sec * 10**9 + p.header.stamp.nanosec for _, p in n.poses]
+    assert set(got) <= bag_stamps and len(set(got)) == len(got)
+    rec.send_signal(2)
+    out, _ = rec.communicate(timeout=30)
+    assert rec.returncode == 0, out
+    with Reader(rec_bag) as r:
+        counts = {c.topic: c.msgcount for c in r.connections}
+    assert counts["/registration/pose"] == len(n.poses) - before
+    assert counts["/tf"] >= len(n.poses) - before
+
+
+def test_bad_inputs_are_reported_and_the_next_good_frame_works(sim_bag, node_factory):
+    n = node_factory(sim_bag["params"])
+    n.wait_state("initialising")
+    n.publishers()
+    msgs = bag_messages(sim_bag["path"])
+    frames = frames_of(msgs)
+    # a frame before any camera_info
+    n.img_pub.publish(frames[0])
+    n.g.wait_for(lambda: "no camera_info" in last_diagnostics(n.diag).get("last_error", ""), 10.0, "no-camera_info diagnostics")
+    send_info_and_initial_pose(n, msgs, sim_bag["seq"])
+    n.img_pub.publish(frames[0])
+    n.g.wait_for(lambda: len(n.poses) == 1, 30.0, "first pose")
+    stamp = int(sim_bag["seq"].stamps_ns[1])
+    h, w = frames[0].height, frames[0].width
+    bad = [
+        (image_msg(np.zeros((h, w, 3), np.uint8) + 7, "rgb8", stamp), "unsupported image encoding"),
+        (image_msg(np.ones((h // 2, w), np.uint16), "mono16", stamp), "camera_info says"),
+        (image_msg(np.full((h, w), np.nan, np.float32), "32FC1", stamp), "NaN"),
+        (image_msg(np.full((h, w), 1000, np.uint16), "mono16", stamp), "constant"),
+    ]
+    good_i = 1
+    for msg, expected in bad:
+        n.img_pub.publish(msg)
+        n.g.wait_for(lambda: expected in last_diagnostics(n.diag).get("last_error", ""), 10.0, f"diagnostics '{expected}'")
+        assert n.proc.poll() is None, "node died"
+        count = len(n.poses)
+        n.img_pub.publish(frames[good_i])  # the next good frame is answered
+        n.g.wait_for(lambda: len(n.poses) == count + 1, 30.0, "pose after a bad frame")
+        good_i += 1
+    log = n.log.read_text()
+    assert "unsupported image encoding 'rgb8'" in log and "Traceback" not in log
+
+
+@pytest.mark.parametrize("case", ["missing CT", "corrupt CT", "corrupt model"])
+def test_bad_ct_or_model_keeps_the_node_alive_with_an_error(sim_bag, node_factory, tmp_path, case):
+    params = dict(sim_bag["params"])
+    if case == "missing CT":
+        params["ct_path"] = str(tmp_path / "no_such_ct.nii.gz")
+        expected = "does not exist"
+    elif case == "corrupt CT":
+        bad = tmp_path / "corrupt.nii.gz"
+        bad.write_bytes(b"\x1f\x8bnot really gzip" * 100)
+        params["ct_path"] = str(bad)
+        expected = "cannot read CT"
+    else:
+        models = tmp_path / "models"
+        models.mkdir()
+        (models / "scr.onnx").write_bytes(b"\x08\x07garbage-not-protobuf" * 50)
+        params["models_dir"] = str(models)
+        expected = "is corrupt or incompatible"
+    n = node_factory(params)
+    d = n.g.wait_for(lambda: expected in last_diagnostics(n.diag).get("last_error", "") and last_diagnostics(n.diag), 30.0, "CT error on diagnostics")
+    assert d["state"] == "waiting_for_ct" and d["_level"] == 2  # ERROR
+    n.publishers()
+    msgs = bag_messages(sim_bag["path"])
+    send_info_and_initial_pose(n, msgs, sim_bag["seq"])
+    n.img_pub.publish(frames_of(msgs)[0])
+    time.sleep(1.5)
+    assert len(n.poses) == 0 and n.proc.poll() is None
+    log = n.log.read_text()
+    assert expected in log and "Traceback" not in log
+
+
+def test_overload_newest_frame_wins_latency_bounded_memory_flat(sim_bag, node_factory):
+    import psutil
+
+    n = node_factory(sim_bag["params"], extra={"publish_overlay": False})
+    n.wait_state("initialising")
+    n.publishers()
+    msgs = bag_messages(sim_bag["path"])
+    frames = frames_of(msgs)
+    send_info_and_initial_pose(n, msgs, sim_bag["seq"])
+    # processing rate of tracking, measured in lock-step
+    t_proc = []
+    for i in range(4):
+        t = time.monotonic()
+        n.img_pub.publish(frames[i])
+        n.g.wait_for(lambda: len(n.poses) > i, 30.0, "lock-step pose")
+        if i > 0:  # frame 0 is a full registration
+            t_proc.append(time.monotonic() - t)
+    period = float(np.median(t_proc)) / 3.0  # 3x the node's processing rate
+    proc = psutil.Process(n.proc.pid)
+    rss_start = proc.memory_info().rss
+    sent = {}  # stamp -> publish time
+    t_end = time.monotonic() + 20.0
+    k = 0
+    while time.monotonic() < t_end:
+        f = frames[4 + (k % (len(frames) - 4))]
+        stamp = 2_000_000_000 * 10**9 + k * 10**6  # unique stamps to match poses to sends
+        f.header.stamp.sec, f.header.stamp.nanosec = divmod(stamp, 10**9)
+        sent[stamp] = time.monotonic()
+        n.img_pub.publish(f)
+        k += 1
+        time.sleep(period)
+    time.sleep(2.0)
+    rss_end = proc.memory_info().rss
+    assert n.proc.poll() is None
+    lat = []
+    for t_rx, p in n.poses:
+        s = p.header.stamp.sec * 10**9 + p.header.stamp.nanosec
+        if s in sent:
+            lat.append(t_rx - sent[s])
+    d = n.diag_now()
+    assert len(lat) > 20, f"only {len(lat)} poses during the overload"
+    assert int(d["frames_dropped"]) > k / 3, "older frames are dropped, not queued"
+    # bounded latency: about one processing time plus the wait for the frame in progress
+    assert np.percentile(lat, 95) < 6 * float(np.median(t_proc)) + 0.3, f"latency p95 {np.percentile(lat, 95):.3f} s"
+    assert lat[-1] < 6 * float(np.median(t_proc)) + 0.3  # not growing towards the end
+    assert rss_end - rss_start < 100 * 2**20, f"RSS grew by {(rss_end - rss_start) / 2**20:.0f} MiB"
+    print(f"overload: sent {k} frames at {1 / period:.1f} Hz, {len(lat)} poses, latency median {np.median(lat) * 1e3:.0f} ms "
+          f"p95 {np.percentile(lat, 95) * 1e3:.0f} ms, dropped {d['frames_dropped']}, RSS {rss_start / 2**20:.0f} -> {rss_end / 2**20:.0f} MiB")
+
+
+def pose_msg_of(T_mm, frame_id="carm_optical"):
+    from geometry_msgs.msg import PoseStamped
+    from reg2d3d_ros.geometry import transform_to_pose_m
+
+    msg = PoseStamped()
+    msg.header.frame_id = frame_id
+    pos, quat = transform_to_pose_m(torch.as_tensor(T_mm))
+    msg.pose.position.x, msg.pose.position.y, msg.pose.position.z = pos.tolist()
+    o = msg.pose.orientation
+    o.x, o.y, o.z, o.w = quat.tolist()
+    return msg
+
+
+def seq_frame_msg(seq, i):
+    from reg2d3d_ros.images import encode_image
+
+    f = encode_image(seq.images[i], seq.encoding)
+    arr = np.frombuffer(f["data"], np.uint8 if f["encoding"] == "mono8" else (np.uint16 if f["encoding"] == "mono16" else np.float32))
+    return image_msg(arr.reshape(f["height"], f["width"]), f["encoding"], int(seq.stamps_ns[i]))
+
+
+def test_sudden_jump_is_lost_then_reinitialised_and_reset_forgets(sim_bag, node_factory):
+    from std_srvs.srv import Trigger
+
+    n = node_factory(sim_bag["params"])
+    n.wait_state("initialising")
+    n.publishers()
+    msgs = bag_messages(sim_bag["path"])
+    send_info_and_initial_pose(n, msgs, sim_bag["seq"])
+    frames = frames_of(msgs)
+    for i in range(4):  # initialise on frame 0, track 1-3
+        n.img_pub.publish(frames[i])
+        n.g.wait_for(lambda: len(n.poses) > i, 30.0, f"pose of frame {i}")
+    n.wait_state("tracking", 5.0)
+    # the jump: judged lost, no pose for that frame
+    jump = sim_bag["jump"]
+    n.img_pub.publish(seq_frame_msg(jump, 0))
+    d = n.g.wait_for(lambda: last_diagnostics(n.diag).get("state") == "lost" and last_diagnostics(n.diag), 30.0, "state lost after the jump")
+    assert "tracking lost" in d["last_error"] and d["_level"] == 1  # WARN
+    time.sleep(1.0)
+    stamps = {p.header.stamp.sec * 10**9 + p.header.stamp.nanosec for _, p in n.poses}
+    assert int(jump.stamps_ns[0]) not in stamps and len(n.poses) == 4
+    # re-initialised on the next frame, here from a new pose guess (as a C-arm's angles would give)
+    n.init_pub.publish(pose_msg_of(jump.poses_mm[1]))
+    time.sleep(0.5)
+    n.img_pub.publish(seq_frame_msg(jump, 1))
+    n.g.wait_for(lambda: len(n.poses) == 5, 30.0, "pose after re-initialisation")
+    err = mrpd_of(n.poses[-1][1], jump.poses_mm[1], sim_bag["pts"])
+    assert err < 2.0, f"re-initialised pose off by {err:.2f} mm"
+    n.wait_state("tracking", 5.0)
+    # ~/reset: the pose is forgotten; without a new guess the next frame gets no pose
+    client = n.g.node.create_client(Trigger, "/registration_node/reset")
+    assert client.wait_for_service(timeout_sec=10.0)
+    fut = client.call_async(Trigger.Request())
+    resp = n.g.wait_for(lambda: fut.done() and fut.result(), 10.0, "reset response")
+    assert resp.success
+    n.wait_state("initialising", 5.0)
+    n.img_pub.publish(frames[5])
+    n.g.wait_for(lambda: "no initial pose" in last_diagnostics(n.diag).get("last_error", ""), 15.0, "no-initial-pose diagnostics")
+    assert len(n.poses) == 5 and n.proc.poll() is None
