@@ -44,15 +44,6 @@ def simulate(size: int, n_frames: int):
     return seq, params
 
 
-def frame_msg(seq, i, stamp_ns):
-    from reg2d3d_ros.images import encode_image
-    from reg2d3d_ros.ros.graph import image_msg
-
-    f = encode_image(seq.images[i], seq.encoding)
-    arr = np.frombuffer(f["data"], np.uint16 if f["encoding"] == "mono16" else np.uint8).reshape(f["height"], f["width"])
-    return image_msg(arr, f["encoding"], stamp_ns)
-
-
 def stamp_of(msg) -> int:
     return msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
 
@@ -63,8 +54,8 @@ def bench_size(size: int, seconds: float, tmp: Path) -> dict:
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import CameraInfo, Image
 
-    from reg2d3d_ros.geometry import transform_to_pose_m
-    from reg2d3d_ros.ros.graph import TestGraph, graph_env, last_diagnostics, start_node, stop_process
+    from reg2d3d_ros.ros.graph import TestGraph, graph_env, last_diagnostics, pose_msg, start_node, stop_process
+    from reg2d3d_ros.ros.graph import sequence_frame_msg as frame_msg
     from diagnostic_msgs.msg import DiagnosticArray
 
     n_frames = 30
@@ -84,13 +75,7 @@ def bench_size(size: int, seconds: float, tmp: Path) -> dict:
         info.header.frame_id = "carm_optical"
         info.width, info.height, info.k = ci["width"], ci["height"], [float(x) for x in ci["k"]]
         info_pub.publish(info)
-        init = PoseStamped()
-        init.header.frame_id = "carm_optical"
-        pos, quat = transform_to_pose_m(torch.from_numpy(seq.poses_mm[0]))
-        init.pose.position.x, init.pose.position.y, init.pose.position.z = pos.tolist()
-        o = init.pose.orientation
-        o.x, o.y, o.z, o.w = quat.tolist()
-        init_pub.publish(init)
+        init_pub.publish(pose_msg(seq.poses_mm[0]))
         time.sleep(0.5)
 
         # lock-step

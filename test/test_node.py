@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from ros_graph import REPO, TestGraph, graph_env, image_msg, last_diagnostics, start_node, stop_process
+from ros_graph import REPO, TestGraph, graph_env, image_msg, last_diagnostics, pose_msg, sequence_frame_msg, start_node, stop_process
 
 N_FRAMES = 12
 
@@ -136,11 +136,11 @@ def frames_of(bag_msgs):
     return [deserialize_message(raw, Image) for topic, _, _, raw in bag_msgs if topic == "/carm/image"]
 
 
-def mrpd_of(pose_msg, T_gt, pts):
+def mrpd_of(msg, T_gt, pts):
     from reg2d3d_ros.eval import mrpd
     from reg2d3d_ros.geometry import pose_m_to_transform
 
-    p, q = pose_msg.pose.position, pose_msg.pose.orientation
+    p, q = msg.pose.position, msg.pose.orientation
     T = pose_m_to_transform(torch.tensor([p.x, p.y, p.z], dtype=torch.float64), torch.tensor([q.x, q.y, q.z, q.w], dtype=torch.float64))
     return float(mrpd(T, torch.as_tensor(T_gt), pts))
 
@@ -320,27 +320,6 @@ def test_overload_newest_frame_wins_latency_bounded_memory_flat(sim_bag, node_fa
           f"p95 {np.percentile(lat, 95) * 1e3:.0f} ms, dropped {d['frames_dropped']}, RSS {rss_start / 2**20:.0f} -> {rss_end / 2**20:.0f} MiB")
 
 
-def pose_msg_of(T_mm, frame_id="carm_optical"):
-    from geometry_msgs.msg import PoseStamped
-    from reg2d3d_ros.geometry import transform_to_pose_m
-
-    msg = PoseStamped()
-    msg.header.frame_id = frame_id
-    pos, quat = transform_to_pose_m(torch.as_tensor(T_mm))
-    msg.pose.position.x, msg.pose.position.y, msg.pose.position.z = pos.tolist()
-    o = msg.pose.orientation
-    o.x, o.y, o.z, o.w = quat.tolist()
-    return msg
-
-
-def seq_frame_msg(seq, i):
-    from reg2d3d_ros.images import encode_image
-
-    f = encode_image(seq.images[i], seq.encoding)
-    arr = np.frombuffer(f["data"], np.uint8 if f["encoding"] == "mono8" else (np.uint16 if f["encoding"] == "mono16" else np.float32))
-    return image_msg(arr.reshape(f["height"], f["width"]), f["encoding"], int(seq.stamps_ns[i]))
-
-
 def test_sudden_jump_is_lost_then_reinitialised_and_reset_forgets(sim_bag, node_factory):
     from std_srvs.srv import Trigger
 
@@ -356,16 +335,16 @@ def test_sudden_jump_is_lost_then_reinitialised_and_reset_forgets(sim_bag, node_
     n.wait_state("tracking", 5.0)
     # the jump: judged lost, no pose for that frame
     jump = sim_bag["jump"]
-    n.img_pub.publish(seq_frame_msg(jump, 0))
+    n.img_pub.publish(sequence_frame_msg(jump, 0))
     d = n.g.wait_for(lambda: last_diagnostics(n.diag).get("state") == "lost" and last_diagnostics(n.diag), 30.0, "state lost after the jump")
     assert "tracking lost" in d["last_error"] and d["_level"] == 1  # WARN
     time.sleep(1.0)
     stamps = {p.header.stamp.sec * 10**9 + p.header.stamp.nanosec for _, p in n.poses}
     assert int(jump.stamps_ns[0]) not in stamps and len(n.poses) == 4
     # re-initialised on the next frame, here from a new pose guess (as a C-arm's angles would give)
-    n.init_pub.publish(pose_msg_of(jump.poses_mm[1]))
+    n.init_pub.publish(pose_msg(jump.poses_mm[1]))
     time.sleep(0.5)
-    n.img_pub.publish(seq_frame_msg(jump, 1))
+    n.img_pub.publish(sequence_frame_msg(jump, 1))
     n.g.wait_for(lambda: len(n.poses) == 5, 30.0, "pose after re-initialisation")
     err = mrpd_of(n.poses[-1][1], jump.poses_mm[1], sim_bag["pts"])
     assert err < 2.0, f"re-initialised pose off by {err:.2f} mm"

@@ -151,3 +151,29 @@ def image_msg(arr: np.ndarray, encoding: str, stamp_ns: int, frame_id: str = "ca
     msg.step = arr.strides[0]
     msg.data = np.ascontiguousarray(arr).tobytes()
     return msg
+
+
+def pose_msg(T_optical_from_ct_mm, frame_id: str = "carm_optical"):
+    """A ``geometry_msgs/PoseStamped`` (metres) of a ``(4, 4)`` pose in mm (stamp left at zero)."""
+    import torch
+    from geometry_msgs.msg import PoseStamped
+
+    from ..geometry import transform_to_pose_m
+
+    msg = PoseStamped()
+    msg.header.frame_id = frame_id
+    pos, quat = transform_to_pose_m(torch.as_tensor(T_optical_from_ct_mm, dtype=torch.float64))
+    msg.pose.position.x, msg.pose.position.y, msg.pose.position.z = pos.tolist()
+    o = msg.pose.orientation
+    o.x, o.y, o.z, o.w = quat.tolist()
+    return msg
+
+
+def sequence_frame_msg(seq, i: int, stamp_ns: int | None = None):
+    """Frame ``i`` of a simulated sequence as a ``sensor_msgs/Image`` (its encoding; its stamp unless given)."""
+    from ..images import encode_image
+
+    f = encode_image(seq.images[i], seq.encoding)
+    dtype = {"mono8": np.uint8, "mono16": np.uint16, "32FC1": np.float32}[f["encoding"]]
+    arr = np.frombuffer(f["data"], dtype).reshape(f["height"], f["width"])
+    return image_msg(arr, f["encoding"], int(seq.stamps_ns[i]) if stamp_ns is None else stamp_ns, seq.frame_id)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..errors import Reg2D3DError
-from .graph import TestGraph, graph_env, last_diagnostics, start_node, stop_process
+from .graph import TestGraph, graph_env, last_diagnostics, pose_msg, start_node, stop_process
 
 
 def run_bag_through_node(bag: Path, params: dict, T_initial_mm, out: Path, rate: float = 1.0, n_frames: int = 0,
@@ -45,8 +45,6 @@ def run_bag_through_node(bag: Path, params: dict, T_initial_mm, out: Path, rate:
     from sensor_msgs.msg import Image
     from tf2_msgs.msg import TFMessage
 
-    from ..geometry import transform_to_pose_m
-
     log("[3/5] starting the registration node (its log: node.log)")
     env = graph_env(out, None)
     proc = start_node(env, {**params, "diagnostics_period": 0.5}, out / "node.log")
@@ -72,13 +70,7 @@ def run_bag_through_node(bag: Path, params: dict, T_initial_mm, out: Path, rate:
 
         log("[4/5] initial pose = ground truth of frame 0 (no SCR initialiser yet); replaying the bag")
         init = g.publisher(PoseStamped, "/registration/initial_pose")
-        msg = PoseStamped()
-        msg.header.frame_id = "carm_optical"
-        pos, quat = transform_to_pose_m(T_initial_mm)
-        msg.pose.position.x, msg.pose.position.y, msg.pose.position.z = pos.tolist()
-        o = msg.pose.orientation
-        o.x, o.y, o.z, o.w = quat.tolist()
-        init.publish(msg)
+        init.publish(pose_msg(T_initial_mm))
         time.sleep(0.5)
         res = subprocess.run(
             [sys.executable, "-m", "reg2d3d_ros.replay", str(bag), "--rate", str(rate), "--qos", "sensor",
