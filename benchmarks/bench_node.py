@@ -82,9 +82,15 @@ def bench_size(size: int, seconds: float, tmp: Path) -> dict:
         lat = []
         t_init = None
         for i in range(n_frames):
-            t = time.monotonic()
-            img_pub.publish(frame_msg(seq, i, int(seq.stamps_ns[i])))
-            g.wait_for(lambda: len(poses) > i, 60.0, f"pose of frame {i}")
+            for attempt in range(6):  # a best-effort frame can be lost on the way: send it again
+                t = time.monotonic()
+                img_pub.publish(frame_msg(seq, i, int(seq.stamps_ns[i])))
+                try:
+                    g.wait_for(lambda: len(poses) > i, 15.0, f"pose of frame {i}")
+                    break
+                except TimeoutError:
+                    if attempt == 5:
+                        raise
             with g.lock:
                 dt = poses[i][0] - t
             if i == 0:
@@ -100,9 +106,10 @@ def bench_size(size: int, seconds: float, tmp: Path) -> dict:
         k = 0
         t_start = time.monotonic()
         while time.monotonic() - t_start < seconds:
-            stamp = 3_000_000_000 * 10**9 + k * 10**6
+            stamp = 1_900_000_000 * 10**9 + k * 10**6  # sec is int32
             sent[stamp] = time.monotonic()
-            img_pub.publish(frame_msg(seq, 1 + k % (n_frames - 1), stamp))
+            j = k % (2 * (n_frames - 2))  # ping-pong over frames 1..n-1: neighbours stay neighbours
+            img_pub.publish(frame_msg(seq, 1 + (j if j < n_frames - 1 else 2 * (n_frames - 2) - j), stamp))
             k += 1
             time.sleep(max(0.0, t_start + k / 30.0 - time.monotonic()))
         t_stop = time.monotonic()
@@ -129,6 +136,8 @@ def bench_size(size: int, seconds: float, tmp: Path) -> dict:
             "latency_ms_p95": 1e3 * float(np.percentile(lat_load, 95)) if lat_load else None,
             "frames_sent": k,
             "frames_dropped_by_node": int(d.get("frames_dropped", 0)),
+            "frames_processed_by_node": int(d.get("frames_processed", 0)),
+            "node_state_at_end": d.get("state"),
             "rss_mib_start_end": [round(rss0 / 2**20), round(rss1 / 2**20)],
             "node_alive": alive,
         },
@@ -147,7 +156,12 @@ def main(argv=None) -> int:
         for size in args.sizes:
             d = Path(tmp) / str(size)
             d.mkdir()
-            r = bench_size(size, args.seconds, d)
+            try:
+                r = bench_size(size, args.seconds, d)
+            except Exception:
+                log = d / f"node_{size}.log"
+                print(f"node log ({log}):\n" + (log.read_text()[-3000:] if log.exists() else "(none)"))
+                raise
             rows.append(r)
             s = r["sustained"]
             print(f"{size}x{size}: lock-step latency median {r['lockstep_latency_ms']['median']:.0f} ms "
