@@ -1,10 +1,22 @@
 """ament_python package definition of reg2d3d_ros (also pip-installable)."""
 
+import os
 from glob import glob
 
 from setuptools import find_packages, setup
 
 PACKAGE = "reg2d3d_ros"
+
+
+def model_files():
+    """``(share/PACKAGE/models/<sub>, files)`` for every folder under models/ (trained models)."""
+    out = []
+    for root, _, files in os.walk("models"):
+        keep = [os.path.join(root, f) for f in sorted(files) if f != ".gitkeep"]
+        if keep:
+            out.append((f"share/{PACKAGE}/{root}", keep))
+    return out
+
 
 setup(
     name=PACKAGE,
@@ -15,8 +27,7 @@ setup(
         (f"share/{PACKAGE}", ["package.xml"]),
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
         (f"share/{PACKAGE}/config", glob("config/*.yaml")),
-        (f"share/{PACKAGE}/models", [f for f in glob("models/*") if not f.endswith(".gitkeep")]),
-    ],
+    ] + model_files(),
     install_requires=["setuptools"],
     zip_safe=True,
     maintainer="reg2d3d_ros maintainers",
@@ -32,6 +43,7 @@ setup(
             f"reg2d3d_demo = {PACKAGE}.demo:main",
             f"reg2d3d_simulate = {PACKAGE}.sim.__main__:main",
             f"reg2d3d_example = {PACKAGE}.example:main",
+            f"reg2d3d_prepare = {PACKAGE}.prepare:main",
         ],
     },
 )

@@ -25,7 +25,7 @@ def generate_launch_description():
         DeclareLaunchArgument("label_table_path", default_value="", description="CSV naming the labels"),
         DeclareLaunchArgument("target", default_value="T8", description="structure to register"),
         DeclareLaunchArgument("intensity", default_value="attenuation", description="attenuation or transmission"),
-        DeclareLaunchArgument("models_dir", default_value="", description="folder of model files (checked at start-up)"),
+        DeclareLaunchArgument("models_dir", default_value="", description="model folder of python -m reg2d3d_ros.prepare (SCR initialiser; checked at start-up)"),
         DeclareLaunchArgument("backend", default_value="auto", description="auto, tensorrt, onnxruntime or pytorch"),
         DeclareLaunchArgument("device", default_value="auto", description="auto, cpu or cuda"),
         DeclareLaunchArgument("params_file", default_value=default_params, description="parameter file"),

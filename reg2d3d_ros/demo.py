@@ -2,8 +2,9 @@
 
 Simulates a fluoroscopy sequence around one thoracic vertebra of the example CT (simulated
 frames: there is no real X-ray with a known pose here) and writes it as a rosbag2 bag; starts the
-registration node as a process on its own DDS domain; gives it the ground truth of frame 0 as the
-initial pose (the SCR initialiser is not implemented yet); replays the bag into it in real time
+registration node as a process on its own DDS domain with the example's SCR model
+(``models/example_T8``), so that it initialises itself on the first frames (SCR-PnP, refined by
+PPC; ``--init ground-truth`` gives it frame 0's true pose instead); replays the bag into it in real time
 with the replay tool; collects the node's poses, TF and overlays; and reports the error of every
 answered frame against the ground truth, the frames the node dropped (newest frame wins) or
 judged lost, and the latency. Output: overlay PNGs drawn by the node, an error plot, the bag, the
@@ -22,15 +23,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import Reg2D3DError
+from .errors import Reg2D3DError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
     ap = argparse.ArgumentParser(prog="python -m reg2d3d_ros.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (default: ./demo_output)")
-    ap.add_argument("--vertebra", default="T12")
-    ap.add_argument("--view", default="ap")
+    ap.add_argument("--vertebra", default="T8")
+    ap.add_argument("--view", default="lateral")
+    ap.add_argument("--init", choices=["scr", "ground-truth"], default="scr",
+                    help="scr: the node initialises itself with its SCR model; ground-truth: publish frame 0's true pose")
+    ap.add_argument("--models", type=Path, default=None, help="SCR model folder (default: the package's models/example_T8)")
     ap.add_argument("--frames", type=int, default=60)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--trajectory", default="smooth", choices=["static", "smooth", "carm_rotation", "jumps"])
@@ -98,7 +102,13 @@ def run(args) -> Path:
 
     params = {"ct_path": ex.ct, "labels_path": ex.labels, "label_table_path": ex.label_table, "target": args.vertebra}
     T_gt = torch.from_numpy(seq.poses_mm)
-    got = run_bag_through_node(bag, params, T_gt[0], out, rate=args.rate, n_frames=len(seq), log=lambda m: print(m, flush=True))
+    if args.init == "scr":
+        models = (args.models or Path(__file__).resolve().parents[1] / "models" / "example_T8").resolve()
+        if not (models / "scr.pt").is_file():
+            raise Reg2D3DError(f"no SCR model in {models}: create one with python -m reg2d3d_ros.prepare, or use --init ground-truth")
+        params["models_dir"] = models
+    got = run_bag_through_node(bag, params, T_gt[0] if args.init == "ground-truth" else None, out, rate=args.rate, n_frames=len(seq),
+                               log=lambda m: print(m, flush=True))
     poses, n_tf, overlays, diag = got["poses"], got["tf_messages"], got["overlays"], got["diagnostics"]
 
     print("[5/5] scoring the node's poses against the ground truth; writing overlays and the plot", flush=True)
@@ -141,7 +151,9 @@ def run(args) -> Path:
         "frames_dropped_newest_wins": int(diag.get("frames_dropped", 0)),
         "node_state_at_end": diag.get("state"),
         "node_latency_ms_median": float(diag["latency_ms_median"]) if diag.get("latency_ms_median") else None,
-        "initialisation": "ground truth of frame 0 on /registration/initial_pose (SCR not implemented yet)",
+        "initialisation": ("SCR-PnP (models: " + str(params["models_dir"]) + "), refined by PPC") if args.init == "scr"
+        else "ground truth of frame 0 on /registration/initial_pose",
+        "first_answered_frame": int(min(answered)),
         "tracking": "classic PPC, one in-plane update per frame",
         "mrpd_mm": {"median": float(np.median(err_mrpd)), "p95": float(np.percentile(err_mrpd, 95)), "max": float(err_mrpd.max())},
         "mtre_mm": {"median": float(np.median(err_mtre)), "max": float(err_mtre.max())},
@@ -160,12 +172,7 @@ def run(args) -> Path:
 def main(argv=None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except Reg2D3DError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: run(args), "python -m reg2d3d_ros.demo")
 
 
 if __name__ == "__main__":

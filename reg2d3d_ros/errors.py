@@ -29,3 +29,31 @@ class ConfigError(Reg2D3DError):
 
 class DataNotFoundError(Reg2D3DError):
     """Example or cached data is missing (run the set-up script)."""
+
+
+def run_cli(fn, prog: str) -> int:
+    """Run a command-line entry point's body: a user's error is one line on stderr, not a traceback.
+
+    Parameters
+    ----------
+    fn : callable
+        The body; an ``int`` it returns is the exit status (anything else means 0).
+    prog : str
+        Program name printed before the message.
+
+    Returns
+    -------
+    int
+        ``fn``'s status, 2 after a :class:`Reg2D3DError`, 130 after Ctrl-C.
+    """
+    import sys
+
+    try:
+        rc = fn()
+    except Reg2D3DError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return rc if isinstance(rc, int) and not isinstance(rc, bool) else 0

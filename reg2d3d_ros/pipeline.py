@@ -5,14 +5,17 @@ States (the ``state`` field the node reports on ``/diagnostics``):
 ``waiting_for_ct``
     the CT and the target are not loaded (loading, or loading failed: see ``last_error``);
 ``initialising``
-    the next usable frame is registered from an initial pose (a pose given with
-    :meth:`RegistrationPipeline.set_initial_pose`, else the last good pose; the SCR initialiser
-    plugs in here once it exists);
+    the next usable frame is registered from an initial pose: a pose given with
+    :meth:`RegistrationPipeline.set_initial_pose`, else the SCR-PnP initialiser's pose when the
+    models folder holds an SCR model (``scr.pt``), else the last good pose. The SCR pose is
+    refined by PPC registration; a pose the SCR acceptance test rejects publishes nothing and the
+    next frame tries again;
 ``tracking``
     every usable frame is tracked from the previous frame's pose;
 ``lost``
     the last frame's registration was judged unreliable (confidence below the thresholds): no
-    pose was published for it and the next frame is initialised afresh.
+    pose was published for it and the next frame is initialised afresh (by SCR when available,
+    else from the last good pose).
 
 A frame that cannot be used (wrong encoding, size that disagrees with the camera info, NaN or
 constant pixels, no camera info yet) produces no pose and a :class:`FrameResult` whose ``error``
@@ -145,6 +148,7 @@ class RegistrationPipeline:
         self._last_good: torch.Tensor | None = None
         self._previous: torch.Tensor | None = None
         self._recent_inliers: list = []  # inlier fractions of the frames accepted since the last initialisation
+        self.scr = None  # SCR-PnP initialiser when the models folder has one
 
     # -- set-up ------------------------------------------------------------------------------
     def load(self) -> None:
@@ -163,6 +167,7 @@ class RegistrationPipeline:
             raise ConfigError("no label map given: set labels_path (the target structure is selected from it)")
         ct = load_ct(cfg.ct_path, labels_path=cfg.labels_path, label_table=cfg.label_table_path or None)
         self.registrator = PPCRegistrator.from_ct(ct, cfg.target)
+        self.scr = load_scr(cfg.models_dir, self.backend, self.device)
         with self._lock:
             self.state = INITIALISING
 
@@ -192,7 +197,8 @@ class RegistrationPipeline:
     def reset(self) -> None:
         """Forget the current pose (and the last good one): the next frame is initialised afresh.
 
-        Without the SCR initialiser this means waiting for a pose on the initial-pose input.
+        With an SCR model that is SCR-PnP; without one, the node waits for a pose on the
+        initial-pose input.
         """
         with self._lock:
             self._previous = None
@@ -236,15 +242,28 @@ class RegistrationPipeline:
             previous = self._previous
             last_good = self._last_good
         try:
+            scr_details = {}
             if initial is not None or state in (INITIALISING, LOST) or previous is None:
-                start = initial if initial is not None else (last_good if last_good is not None else None)
+                start, source = initial, "initial_pose"
+                if start is None and self.scr is not None:
+                    r = self.scr.initialise(image, intr.K(torch.float64).numpy())
+                    scr_details = {"scr_inliers": r.pnp.n_inliers, "scr_inlier_fraction": round(r.confidence, 3),
+                                   "scr_ms": round(1000 * (r.network_seconds + r.pnp_seconds), 1)}
+                    if r.accepted:
+                        start, source = r.T_optical_from_ct, "scr"
+                    elif last_good is None:
+                        return FrameResult(None, state, r.why, r.confidence, time.perf_counter() - t0, scr_details, image, intr)
+                    else:
+                        scr_details["scr_rejected"] = r.why
+                if start is None and last_good is not None:
+                    start, source = last_good, "last_good"
                 if start is None:
-                    msg = "no initial pose: publish one on the initial_pose topic (the SCR initialiser is not available yet)"
+                    msg = "no initial pose: publish one on the initial_pose topic (no SCR model in models_dir: create one with python -m reg2d3d_ros.prepare)"
                     with self._lock:
                         self.state = INITIALISING
                     return FrameResult(None, INITIALISING, msg, seconds=time.perf_counter() - t0, image=image, intrinsics=intr)
                 result = self.registrator.register(image, intr, start)
-                mode = "initialise"
+                mode = f"initialise ({source})"
             else:
                 result = self.registrator.track(image, intr, previous)
                 mode = "track"
@@ -267,7 +286,7 @@ class RegistrationPipeline:
                    f"level {reference:.2f} before the loss (wrong optimum?); publish an initial pose or call ~/reset")
         ok = not why
         details = {"mode": mode, "iterations": result.iterations, "correspondences": result.n_correspondences, "mean_ngc": result.mean_ngc,
-                   "reference_inlier_fraction": reference}
+                   "reference_inlier_fraction": reference, **scr_details}
         with self._lock:
             if ok:
                 self.state = TRACKING
@@ -298,3 +317,23 @@ class RegistrationPipeline:
         uv = torch.round(c.uv).long().numpy()
         rgb[uv[:, 1], uv[:, 0]] = (40, 230, 60)
         return rgb
+
+
+def load_scr(models_dir: str, backend: str, device: str):
+    """The SCR initialiser of a models folder (``scr.pt``, and ``scr.onnx`` for ONNX Runtime/TensorRT), or None.
+
+    Raises
+    ------
+    ModelLoadError
+        The files exist but cannot be used.
+    """
+    from pathlib import Path
+
+    if not models_dir or not (Path(models_dir) / "scr.pt").exists():
+        return None
+    from .engines import make_runner
+    from .scr.model import SCRInitializer
+
+    scr = SCRInitializer.load(Path(models_dir) / "scr.pt", device="cuda" if device == "cuda" else "cpu")
+    scr.runner = make_runner(Path(models_dir) / "scr.onnx", backend, device)
+    return scr

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue  # noqa: E402
 from geometry_msgs.msg import PoseStamped, TransformStamped  # noqa: E402
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import QoSProfile, qos_profile_sensor_data  # noqa: E402
@@ -41,6 +42,7 @@ from tf2_msgs.msg import TFMessage  # noqa: E402
 
 from .errors import Reg2D3DError  # noqa: E402
 from .geometry.se3 import pose_m_to_transform, transform_to_pose_m  # noqa: E402
+from .ros.lifecycle import exit_status, init_ros, shutdown_ros  # noqa: E402
 from .pipeline import TRACKING, WAITING_FOR_CT, PipelineConfig, RegistrationPipeline  # noqa: E402
 
 #: (name, default, description, unit, range (lo, hi) or choices, read_only)
@@ -51,7 +53,8 @@ PARAMETERS = [
     ("target", "T8", "structure to register: a label name (e.g. T8) or id", "", None, True),
     ("intensity", "attenuation", "pixel meaning: attenuation (bright = material) or transmission (bright = photons)", "", ("attenuation", "transmission"), True),
     ("tracker", "ppc", "frame-to-frame tracker", "", ("ppc",), True),
-    ("models_dir", "", "folder of model files (ONNX, PyTorch, TensorRT); every model file in it is checked at start-up", "", None, True),
+    ("models_dir", "", "model folder written by python -m reg2d3d_ros.prepare for this CT (scr.pt/scr.onnx: the SCR-PnP initialiser, "
+     "used when no initial pose is given); every model file in it is checked at start-up; '' for none", "", None, True),
     ("backend", "auto", "inference back-end of the learned components (auto: TensorRT > ONNX Runtime > PyTorch)", "", ("auto", "tensorrt", "onnxruntime", "pytorch"), True),
     ("device", "auto", "inference device (auto: cuda if available)", "", ("auto", "cpu", "cuda"), True),
     ("ct_frame", "ct", "TF child frame of the CT", "", None, True),
@@ -125,6 +128,8 @@ class RegistrationNode(Node):
         self._rx_times = deque(maxlen=200)
         self._latencies_ms = deque(maxlen=100)
         self._last_confidence = 0.0
+        self._last_mode = ""
+        self._last_scr = ""
         self._worker = threading.Thread(target=self._run, name="registration_worker", daemon=True)
         self._worker.start()
 
@@ -181,8 +186,9 @@ class RegistrationNode(Node):
             self.get_logger().info(f"loading CT {self.params['ct_path']!r} and target {self.params['target']!r}")
             t0 = time.perf_counter()
             self.pipeline.load()
+            init = "SCR-PnP initialiser loaded" if self.pipeline.scr is not None else "no SCR model: initial poses come from /registration/initial_pose"
             self.get_logger().info(f"ready in {time.perf_counter() - t0:.1f} s (back-end {self.pipeline.backend}, device "
-                                   f"{self.pipeline.device}, {len(self.pipeline.models)} model file(s)): waiting for frames")
+                                   f"{self.pipeline.device}, {len(self.pipeline.models)} model file(s); {init}): waiting for frames")
         except Reg2D3DError as exc:
             self.pipeline.fail_load(str(exc))
             self._error(f"cannot start: {exc}")
@@ -206,6 +212,9 @@ class RegistrationNode(Node):
         res = self.pipeline.process(msg.encoding, msg.height, msg.width, msg.step, msg.data, msg.is_bigendian)
         self.frames_processed += 1
         self._last_confidence = res.confidence
+        self._last_mode = str(res.details.get("mode", ""))
+        if "scr_inliers" in res.details:
+            self._last_scr = f"{res.details['scr_inliers']} inliers ({res.details['scr_inlier_fraction']:.2f}), {res.details['scr_ms']:.0f} ms"
         if res.T_optical_from_ct is None:
             if res.error:
                 self._error(res.error)
@@ -274,6 +283,9 @@ class RegistrationNode(Node):
             "frames_dropped": str(self.frames_dropped),
             "poses_published": str(self.poses_published),
             "confidence": f"{self._last_confidence:.3f}",
+            "last_mode": self._last_mode,
+            "initialiser": "scr" if self.pipeline.scr is not None else "initial_pose topic",
+            "last_scr": self._last_scr,
             "backend": self.pipeline.backend,
             "device": self.pipeline.device,
             "last_error": self.last_error or self.pipeline.last_error,
@@ -294,22 +306,21 @@ class RegistrationNode(Node):
 
 def main(argv=None) -> int:
     """Entry point (``python -m reg2d3d_ros.registration_node --ros-args ...``)."""
-    rclpy.init(args=argv if argv is not None else sys.argv)
+    stop = init_ros(argv if argv is not None else sys.argv)
     node = None
+    rc = 0
     try:
         node = RegistrationNode()
-        rclpy.spin(node)
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        while not stop.is_set():
+            executor.spin_once(timeout_sec=0.1)
     except Reg2D3DError as exc:
         print(f"registration_node: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        pass
+        rc = 2
     finally:
-        if node is not None:
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
-    return 0
+        shutdown_ros(node)
+    return exit_status(rc)
 
 
 if __name__ == "__main__":

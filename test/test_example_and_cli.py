@@ -57,10 +57,11 @@ def test_cli_reports_user_errors_without_traceback(tmp_path):
 def test_demo_runs_end_to_end_through_the_node(tmp_path):
     out = tmp_path / "demo"
     # a short, slow replay (a frame every 0.33 s) so that most frames are answered
-    res = run_cli(["reg2d3d_ros.demo", "--frames", "6", "--size", "128", "--rate", "0.2", "--out", str(out)], tmp_path)
+    res = run_cli(["reg2d3d_ros.demo", "--frames", "6", "--size", "128", "--rate", "0.2", "--init", "ground-truth", "--vertebra", "T12",
+                   "--view", "ap", "--out", str(out)], tmp_path)
     assert res.returncode == 0, res.stderr[-2000:] + res.stdout[-2000:]
     assert str(out) in res.stdout
-    assert "no SCR initialiser yet" in res.stdout  # honest about what is missing
+    assert "initial pose = ground truth of frame 0" in res.stdout
     assert "replayed" in res.stdout and "poses for 6 frames" in res.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["simulated"] is True and summary["frames_replayed"] == 6

@@ -197,7 +197,9 @@ def test_replay_tool_feeds_the_node_and_recorder_writes_outputs(sim_bag, node_fa
     time.sleep(2.0)
     bag_stamps = {int(s) for s in sim_bag["seq"].stamps_ns}
     got = [p.header.stamp.sec * 10**9 + p.header.stamp.nanosec for _, p in n.poses]
-    assert set(got) <= bag_stamps and len(set(got)) == len(got)
+    # frame 0 was sent once before the replay (the initialisation) and is replayed again
+    replayed = got[before:]
+    assert set(got) <= bag_stamps and len(set(replayed)) == len(replayed)
     rec.send_signal(2)
     out, _ = rec.communicate(timeout=30)
     assert rec.returncode == 0, out
@@ -359,3 +361,82 @@ def test_sudden_jump_is_lost_then_reinitialised_and_reset_forgets(sim_bag, node_
     n.img_pub.publish(frames[5])
     n.g.wait_for(lambda: "no initial pose" in last_diagnostics(n.diag).get("last_error", ""), 15.0, "no-initial-pose diagnostics")
     assert len(n.poses) == 5 and n.proc.poll() is None
+
+
+def test_ctrl_c_and_sigterm_end_the_node_cleanly(sim_bag, node_factory):
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        n = node_factory(sim_bag["params"])
+        n.wait_state("initialising")
+        t0 = time.monotonic()
+        n.proc.send_signal(sig)
+        rc = n.proc.wait(timeout=15)
+        log = n.log.read_text()
+        assert rc == 0, log
+        assert "Traceback" not in log and "Exception" not in log, log
+        assert time.monotonic() - t0 < 10.0
+
+
+@pytest.fixture(scope="module")
+def t8_bag(tmp_path_factory):
+    """A short T8 sequence (oblique-lateral view inside the SCR model's training range), no initial pose."""
+    from reg2d3d_ros.example import example_paths, load_example
+    from reg2d3d_ros.sim import CArmSetup, XrayDegradation, make_trajectory, simulate_sequence, structure_center, view_pose, xray_renderer
+    from reg2d3d_ros.sim.bag import write_sequence_bag
+
+    ct = load_example()
+    setup = CArmSetup()
+    c = structure_center(ct, "T8")
+    T0 = view_pose(c, setup, (80.0, 5.0), offset_mm=(5.0, -4.0, 8.0))
+    poses = make_trajectory("smooth", T0, 6, c, setup, seed=3)
+    seq = simulate_sequence(xray_renderer(ct), setup.intrinsics(), poses, XrayDegradation(), seed=3)
+    path = write_sequence_bag(seq, tmp_path_factory.mktemp("bag_t8") / "seq")
+    ex = example_paths()
+    params = {"ct_path": ex.ct, "labels_path": ex.labels, "label_table_path": ex.label_table, "target": "T8",
+              "models_dir": REPO / "models" / "example_T8"}
+    pts = torch.from_numpy(ct.label_points_ct_mm([ct.label_names["vertebrae_T8"]], max_points=500))
+    return {"path": path, "seq": seq, "params": params, "pts": pts}
+
+
+def test_scr_initialises_without_initial_pose_and_hands_over_to_tracking(t8_bag, node_factory):
+    """The committed example model: the node registers a T8 frame with no initial pose, then tracks."""
+    from rclpy.serialization import deserialize_message
+    from sensor_msgs.msg import CameraInfo
+
+    from reg2d3d_ros.eval import mtre
+
+    n = node_factory(t8_bag["params"])
+    d = n.wait_state("initialising")
+    assert last_diagnostics(n.diag).get("initialiser") == "scr"
+    assert "SCR-PnP initialiser loaded" in n.log.read_text()
+    n.publishers()
+    msgs = bag_messages(t8_bag["path"])
+    n.info_pub.publish(next(deserialize_message(raw, CameraInfo) for topic, _, _, raw in msgs if topic == "/carm/camera_info"))
+    time.sleep(0.5)
+    frames = frames_of(msgs)
+    modes = []
+    for i, f in enumerate(frames):  # lock-step, no initial pose ever published
+        n.img_pub.publish(f)
+        d = n.g.wait_for(lambda: int(last_diagnostics(n.diag).get("frames_processed", "0")) > i and last_diagnostics(n.diag), 60.0,
+                         f"frame {i} processed")
+        modes.append(d.get("last_mode", ""))
+    assert d["initialiser"] == "scr" and d["last_scr"]
+    assert n.poses, f"no pose published; modes {modes}, last error {d.get('last_error')}"
+    seq = t8_bag["seq"]
+    index = {int(s): i for i, s in enumerate(seq.stamps_ns)}
+    first = index[n.poses[0][1].header.stamp.sec * 10**9 + n.poses[0][1].header.stamp.nanosec]
+    assert modes[first] == "initialise (scr)"
+    assert all(m == "track" for m in modes[first + 1 :]), modes  # handed over to tracking
+    for _, p in n.poses:
+        i = index[p.header.stamp.sec * 10**9 + p.header.stamp.nanosec]
+        pos, q = p.pose.position, p.pose.orientation
+        from reg2d3d_ros.geometry import pose_m_to_transform
+
+        T = pose_m_to_transform(torch.tensor([pos.x, pos.y, pos.z], dtype=torch.float64), torch.tensor([q.x, q.y, q.z, q.w], dtype=torch.float64))
+        err = float(mtre(T, torch.from_numpy(seq.poses_mm[i]), t8_bag["pts"]))
+        err_rpd = mrpd_of(p, seq.poses_mm[i], t8_bag["pts"])
+        # in the image the registration is right (mRPD, the success criterion of single-view
+        # registration); along the beam one view leaves it uncertain (mTRE, here about 17 mm)
+        assert err_rpd < 2.0, f"frame {i}: mRPD {err_rpd:.2f} mm (modes {modes})"
+        assert err < 30.0, f"frame {i}: mTRE {err:.2f} mm (modes {modes})"

@@ -69,7 +69,7 @@ def test_states_initial_pose_tracking_lost_and_reset(setting):
     assert res.T_optical_from_ct is None and res.state == INITIALISING and "initial pose" in res.error
     pipe.set_initial_pose(torch.from_numpy(seq.poses_mm[0]))
     res = pipe.process(*frame(seq, 0))
-    assert res.T_optical_from_ct is not None and res.state == TRACKING and res.details["mode"] == "initialise"
+    assert res.T_optical_from_ct is not None and res.state == TRACKING and res.details["mode"] == "initialise (initial_pose)"
     assert float(mrpd(res.T_optical_from_ct, torch.from_numpy(seq.poses_mm[0]), pts)) < 2.0
     res = pipe.process(*frame(seq, 1))
     assert res.details["mode"] == "track" and float(mrpd(res.T_optical_from_ct, torch.from_numpy(seq.poses_mm[1]), pts)) < 2.0
@@ -84,7 +84,7 @@ def test_states_initial_pose_tracking_lost_and_reset(setting):
     assert res.T_optical_from_ct is None and res.state == LOST and "tracking lost" in res.error
     pipe.config.lost_inlier_fraction = threshold
     res = pipe.process(*frame(seq, 2))
-    assert res.T_optical_from_ct is not None and res.details["mode"] == "initialise" and res.state == TRACKING
+    assert res.T_optical_from_ct is not None and res.details["mode"] == "initialise (last_good)" and res.state == TRACKING
     # overlay: contours drawn in green on the frame
     rgb = pipe.overlay(res)
     assert rgb.shape == (seq.intrinsics.height, seq.intrinsics.width, 3) and rgb.dtype == np.uint8
@@ -171,3 +171,61 @@ def test_relative_inlier_drop_is_judged_lost():
     pipe.set_initial_pose(torch.eye(4, dtype=torch.float64))
     res = pipe.process(*args)
     assert res.T_optical_from_ct is not None and res.state == TRACKING
+
+
+class FakeSCR:
+    """Stands in for the SCR initialiser: returns queued (accepted, pose) outcomes."""
+
+    def __init__(self, outcomes):
+        self.outcomes = list(outcomes)
+        self.calls = 0
+
+    def initialise(self, image, K, seed=0):
+        from reg2d3d_ros.scr.model import SCRResult
+        from reg2d3d_ros.scr.pnp import PnPResult
+
+        self.calls += 1
+        ok, T = self.outcomes.pop(0)
+        pnp = PnPResult(T, 300, 200 if ok else 10, 0.66 if ok else 0.03, 1.0, 0.01)
+        return SCRResult(T, ok, pnp.inlier_fraction, "" if ok else "SCR: 10 PnP inliers < 40", pnp, 0.02, 0.01, 400)
+
+
+def test_scr_initialises_without_an_initial_pose_and_after_a_loss():
+    img = (np.random.default_rng(0).random((8, 8)) * 1000).astype(np.uint16)
+    f = encode_image(img, "mono16")
+    args = (f["encoding"], f["height"], f["width"], f["step"], f["data"])
+    T_scr = torch.eye(4, dtype=torch.float64)
+    T_scr[2, 3] = 700.0
+
+    class Recording(FakeRegistrator):
+        def register(self, image, intr, T):
+            self.starts = getattr(self, "starts", []) + [T.clone()]
+            return super().register(image, intr, T)
+
+    fake = Recording([0.7, 0.7, 0.2, 0.7, 0.7])
+    scr = FakeSCR([(False, None), (True, T_scr), (True, T_scr), (False, None)])
+    pipe = RegistrationPipeline(PipelineConfig())
+    pipe.registrator, pipe.state, pipe.scr = fake, INITIALISING, scr
+    pipe.set_camera_info([100.0, 0, 3.5, 0, 100.0, 3.5, 0, 0, 1], 8, 8)
+    # 1: SCR rejects and there is no pose to fall back on: nothing published, the reason is given
+    r = pipe.process(*args)
+    assert r.T_optical_from_ct is None and r.state == INITIALISING and r.error.startswith("SCR:") and fake.calls == []
+    # 2: SCR accepts: PPC registers from the SCR pose, then tracking takes over
+    r = pipe.process(*args)
+    assert r.T_optical_from_ct is not None and r.state == TRACKING and r.details["mode"] == "initialise (scr)"
+    assert torch.equal(fake.starts[0], T_scr) and r.details["scr_inliers"] == 200
+    r = pipe.process(*args)
+    assert r.details["mode"] == "track"
+    # 4: a loss (inlier fraction 0.2), 5: re-initialised by SCR again
+    r = pipe.process(*args)
+    assert r.state == LOST
+    r = pipe.process(*args)
+    assert r.details["mode"] == "initialise (scr)" and r.state == TRACKING and scr.calls == 3
+    # an initial pose on the topic wins over SCR
+    pipe.set_initial_pose(torch.eye(4, dtype=torch.float64))
+    r = pipe.process(*args)
+    assert r.details["mode"] == "initialise (initial_pose)" and scr.calls == 3
+    # after a reset SCR runs again; when it rejects and no pose is known, nothing is published
+    pipe.reset()
+    r = pipe.process(*args)
+    assert r.T_optical_from_ct is None and scr.calls == 4

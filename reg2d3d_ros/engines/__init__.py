@@ -137,3 +137,92 @@ def check_models_dir(models_dir) -> list:
     if not d.is_dir():
         raise ModelLoadError(f"models folder {str(d)!r} does not exist or is not a folder")
     return [check_model_file(f) for f in sorted(d.iterdir()) if f.suffix.lower() in MODEL_SUFFIXES]
+
+
+def export_onnx(net, example, path, input_name: str = "image", output_name: str = "output") -> Path:
+    """Export a network to ONNX (opset 17, fixed input shape of ``example``).
+
+    Parameters
+    ----------
+    net : torch.nn.Module
+        The network (put in eval mode for the export).
+    example : torch.Tensor
+        ``(B, C, H, W)`` float32 example input on the network's device.
+    """
+    import warnings
+
+    import torch
+
+    net = net.eval()
+    p = Path(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (example,), str(p), input_names=[input_name], output_names=[output_name], dynamo=False, opset_version=17)
+    return p
+
+
+def make_runner(onnx_path, backend: str, device: str):
+    """An inference function ``(B, C, H, W) float32 numpy -> first output numpy`` for an ONNX graph.
+
+    ``backend`` is a resolved back-end (:func:`resolve_backend`): ``onnxruntime`` runs the graph
+    with ONNX Runtime (CUDA provider on ``cuda`` when present); ``tensorrt`` builds a TensorRT
+    engine from it (FP16 where the GPU supports it) and runs it; ``pytorch`` returns None (the
+    caller runs its own module).
+    """
+    if backend == "pytorch":
+        return None
+    p = Path(onnx_path)
+    if not p.is_file():
+        raise ModelLoadError(f"back-end {backend} needs the ONNX graph {str(p)!r}, which does not exist (re-run the preparation)")
+    if backend == "onnxruntime":
+        import onnxruntime as ort
+
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            sess = ort.InferenceSession(str(p), providers=providers)
+        except Exception as exc:
+            raise ModelLoadError(f"ONNX Runtime cannot load {str(p)!r}: {str(exc).splitlines()[0][:200]}") from None
+        name = sess.get_inputs()[0].name
+        return lambda x: sess.run(None, {name: x})[0]
+    if backend == "tensorrt":  # pragma: no cover - needs TensorRT and a GPU
+        return _tensorrt_runner(p)
+    raise ConfigError(f"unknown back-end {backend!r}")
+
+
+def _tensorrt_runner(onnx_path: Path):  # pragma: no cover - needs TensorRT and a GPU
+    """Build a TensorRT engine from ONNX and return an inference function (I/O through torch CUDA tensors)."""
+    import tensorrt as trt
+    import torch
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        raise ModelLoadError(f"TensorRT cannot parse {str(onnx_path)!r}: {parser.get_error(0)}")
+    config = builder.create_builder_config()
+    if builder.platform_has_fast_fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise ModelLoadError(f"TensorRT could not build an engine from {str(onnx_path)!r}")
+    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    context = engine.create_execution_context()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inp = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+    out = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+
+    def run(x):
+        xt = torch.as_tensor(x, device="cuda").contiguous()
+        context.set_input_shape(inp, tuple(xt.shape))
+        yt = torch.empty(tuple(context.get_tensor_shape(out)), dtype=torch.float32, device="cuda")
+        context.set_tensor_address(inp, xt.data_ptr())
+        context.set_tensor_address(out, yt.data_ptr())
+        stream = torch.cuda.current_stream()
+        context.execute_async_v3(stream.cuda_stream)
+        stream.synchronize()
+        return yt.cpu().numpy()
+
+    return run

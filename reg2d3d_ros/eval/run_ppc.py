@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import Reg2D3DError
+from ..errors import run_cli
 
 #: A tracking frame is declared lost when the inlier fraction of its update falls below this.
 
@@ -284,59 +284,59 @@ def main(argv=None) -> int:
     ap.add_argument("--rewrite-report", action="store_true",
                     help="do not register again: rewrite OUT/report.md from OUT/results.json (recomputing the optimum diagnostic)")
     args = ap.parse_args(argv)
-    try:
-        from ..example import load_example
-        from ..ppc import WANG_CONFIG, PPCConfig
-        from ..sim import CArmSetup
-        from .cases import TEST, CaseSet, make_cases
+    return run_cli(lambda: _run(args, argv), "python -m reg2d3d_ros.eval.run_ppc")
 
-        case_set = TEST
-        if args.quick:
-            case_set = CaseSet("quick", ("T8",), seed=0)
-            args.starts, args.track_frames = 4, 10
-        t0 = time.time()
-        ct = load_example()
-        if args.rewrite_report or args.only_tracking:
-            stored = json.loads((args.out / "results.json").read_text())
-            meta = stored["meta"]
-            cases = make_cases(ct, case_set, meta["n_starts"], max_mtre_mm=meta["max_mtre_mm"], setup=CArmSetup().at_size(meta["size"]))
-            tracking = stored["tracking"]
-            if args.only_tracking:
-                tracking = evaluate_tracking(ct, case_set.vertebrae, case_set.views, meta["track_frames"], meta["track_size"], case_set.seed + 500)
-                meta["argv"] += " (tracking re-run with: " + " ".join(argv if argv is not None else sys.argv[1:]) + ")"
-            write_report(args.out, meta, stored["registration"], tracking, optimum_offsets(ct, cases))
-            print(f"rewrote {args.out / 'report.md'}")
-            return 0
-        setup = CArmSetup().at_size(args.size)
-        print(f"generating {len(case_set.vertebrae) * len(case_set.views)} cases x {args.starts} starts ({args.size}x{args.size})", flush=True)
-        cases = make_cases(ct, case_set, args.starts, max_mtre_mm=args.max_mtre, setup=setup)
-        configs = {"PPC": PPCConfig()}
-        if not args.no_wang:
-            configs["PPC, classic recipe (no anchor, no in-plane phase)"] = WANG_CONFIG
-        reg = evaluate_registration(ct, cases, configs)
-        optima = optimum_offsets(ct, cases)
-        tracking = [] if args.no_tracking else evaluate_tracking(ct, case_set.vertebrae, case_set.views, args.track_frames, args.track_size, case_set.seed + 500)
-        meta = {
-            "argv": " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
-            "date": time.strftime("%Y-%m-%d"),
-            "vertebrae": list(case_set.vertebrae),
-            "views": list(case_set.views),
-            "n_starts": args.starts,
-            "max_mtre_mm": args.max_mtre,
-            "size": args.size,
-            "pixel_mm": 307.2 / args.size,
-            "track_size": args.track_size,
-            "track_frames": args.track_frames,
-            "configs": {k: asdict(v) for k, v in configs.items()},
-            "wall_seconds": round(time.time() - t0),
-        }
-        write_report(args.out, meta, reg, tracking, optima)
-        print(f"wrote {args.out / 'report.md'} ({meta['wall_seconds']} s)")
-    except Reg2D3DError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+def _run(args, argv) -> int:
+    """Body of :func:`main`."""
+    from ..example import load_example
+    from ..ppc import WANG_CONFIG, PPCConfig
+    from ..sim import CArmSetup
+    from .cases import TEST, CaseSet, make_cases
+
+    case_set = TEST
+    if args.quick:
+        case_set = CaseSet("quick", ("T8",), seed=0)
+        args.starts, args.track_frames = 4, 10
+    t0 = time.time()
+    ct = load_example()
+    if args.rewrite_report or args.only_tracking:
+        stored = json.loads((args.out / "results.json").read_text())
+        meta = stored["meta"]
+        cases = make_cases(ct, case_set, meta["n_starts"], max_mtre_mm=meta["max_mtre_mm"], setup=CArmSetup().at_size(meta["size"]))
+        tracking = stored["tracking"]
+        if args.only_tracking:
+            tracking = evaluate_tracking(ct, case_set.vertebrae, case_set.views, meta["track_frames"], meta["track_size"], case_set.seed + 500)
+            meta["argv"] += " (tracking re-run with: " + " ".join(argv if argv is not None else sys.argv[1:]) + ")"
+        write_report(args.out, meta, stored["registration"], tracking, optimum_offsets(ct, cases))
+        print(f"rewrote {args.out / 'report.md'}")
+        return 0
+    setup = CArmSetup().at_size(args.size)
+    print(f"generating {len(case_set.vertebrae) * len(case_set.views)} cases x {args.starts} starts ({args.size}x{args.size})", flush=True)
+    cases = make_cases(ct, case_set, args.starts, max_mtre_mm=args.max_mtre, setup=setup)
+    configs = {"PPC": PPCConfig()}
+    if not args.no_wang:
+        configs["PPC, classic recipe (no anchor, no in-plane phase)"] = WANG_CONFIG
+    reg = evaluate_registration(ct, cases, configs)
+    optima = optimum_offsets(ct, cases)
+    tracking = [] if args.no_tracking else evaluate_tracking(ct, case_set.vertebrae, case_set.views, args.track_frames, args.track_size, case_set.seed + 500)
+    meta = {
+        "argv": " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
+        "date": time.strftime("%Y-%m-%d"),
+        "vertebrae": list(case_set.vertebrae),
+        "views": list(case_set.views),
+        "n_starts": args.starts,
+        "max_mtre_mm": args.max_mtre,
+        "size": args.size,
+        "pixel_mm": 307.2 / args.size,
+        "track_size": args.track_size,
+        "track_frames": args.track_frames,
+        "configs": {k: asdict(v) for k, v in configs.items()},
+        "wall_seconds": round(time.time() - t0),
+    }
+    write_report(args.out, meta, reg, tracking, optima)
+    print(f"wrote {args.out / 'report.md'} ({meta['wall_seconds']} s)")
 
 
 if __name__ == "__main__":

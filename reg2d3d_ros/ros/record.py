@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -51,6 +50,7 @@ def record(args) -> int:
     from rosbags.typesys import Stores, get_typestore
 
     from ..errors import Reg2D3DError
+    from .lifecycle import init_ros, shutdown_ros
     from .replay import message_class
 
     topics = dict(DEFAULT_TOPICS)
@@ -66,7 +66,7 @@ def record(args) -> int:
         raise Reg2D3DError(f"{args.out} already exists")
     ts = get_typestore(Stores.ROS2_KILTED)
     plugin = StoragePlugin.MCAP if args.storage == "mcap" else StoragePlugin.SQLITE3
-    rclpy.init(args=["--ros-args"])
+    stop_event = init_ros()
     node = rclpy.create_node("reg2d3d_record")
     qos = qos_profile_sensor_data if args.qos == "sensor" else QoSProfile(depth=100)
     count = [0]
@@ -84,30 +84,30 @@ def record(args) -> int:
 
         for name, mt in topics.items():
             node.create_subscription(message_class(mt), name, make_cb(name), qos, raw=True)
-        signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))
         t_end = time.monotonic() + args.duration if args.duration > 0 else None
         try:
-            while not stop[0] and (t_end is None or time.monotonic() < t_end):
+            while not stop[0] and not stop_event.is_set() and (t_end is None or time.monotonic() < t_end):
                 rclpy.spin_once(node, timeout_sec=0.1)
-        except KeyboardInterrupt:
-            pass
-    node.destroy_node()
-    rclpy.shutdown()
+        except BaseException:
+            shutdown_ros(node)
+            raise
+    # the bag is closed (no callback runs without spinning); now the middleware
+    shutdown_ros(node)
     return count[0]
 
 
 def main(argv=None) -> int:
     """Entry point."""
-    from ..errors import Reg2D3DError
+    from ..errors import run_cli
+    from .lifecycle import exit_status
 
     args = build_parser().parse_args(argv)
-    try:
+
+    def body():
         n = record(args)
         print(f"recorded {n} messages to {args.out}")
-    except Reg2D3DError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_status(run_cli(body, "python -m reg2d3d_ros.record"))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ def replay(args) -> int:
     from rosbags.rosbag2 import Reader
 
     from ..errors import Reg2D3DError
+    from .lifecycle import init_ros, shutdown_ros
 
     remap = dict(r.split(":=", 1) for r in args.remap)
     if not args.bag.exists():
@@ -61,7 +62,7 @@ def replay(args) -> int:
         reader.open()
     except Exception as exc:  # rosbags' own error types
         raise Reg2D3DError(f"cannot open bag {args.bag}: {exc}") from None
-    rclpy.init(args=["--ros-args"])
+    stop_event = init_ros()
     node = rclpy.create_node("reg2d3d_replay")
     qos = qos_profile_sensor_data if args.qos == "sensor" else QoSProfile(depth=100)
     pubs = {}
@@ -83,13 +84,15 @@ def replay(args) -> int:
         while True:
             t_bag0 = t_wall0 = None
             for conn, t_ns, raw in reader.messages(connections=conns):
+                if stop_event.is_set():
+                    raise KeyboardInterrupt
                 if args.rate > 0:
                     if t_bag0 is None:
                         t_bag0, t_wall0 = t_ns, time.monotonic()
                     due = t_wall0 + (t_ns - t_bag0) / 1e9 / args.rate
                     delay = due - time.monotonic()
                     if delay > 0:
-                        time.sleep(delay)
+                        stop_event.wait(delay)
                 pubs[conn.topic].publish(bytes(raw))
                 n += 1
             if not args.loop:
@@ -99,24 +102,21 @@ def replay(args) -> int:
         return n
     finally:
         reader.close()
-        node.destroy_node()
-        rclpy.shutdown()
+        shutdown_ros(node)
 
 
 def main(argv=None) -> int:
     """Entry point."""
-    from ..errors import Reg2D3DError
+    from ..errors import run_cli
+    from .lifecycle import exit_status
 
     args = build_parser().parse_args(argv)
-    try:
+
+    def body():
         n = replay(args)
         print(f"replayed {n} messages from {args.bag}")
-    except Reg2D3DError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+
+    return exit_status(run_cli(body, "python -m reg2d3d_ros.replay"))
 
 
 if __name__ == "__main__":

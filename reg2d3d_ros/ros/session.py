@@ -16,7 +16,7 @@ from .graph import TestGraph, graph_env, last_diagnostics, pose_msg, start_node,
 
 def run_bag_through_node(bag: Path, params: dict, T_initial_mm, out: Path, rate: float = 1.0, n_frames: int = 0,
                          log=print, ready_timeout_s: float = 120.0) -> dict:
-    """Start the node, publish an initial pose, replay ``bag`` into it and collect its outputs.
+    """Start the node, publish an initial pose (or let it initialise itself), replay ``bag`` into it and collect its outputs.
 
     Parameters
     ----------
@@ -24,8 +24,9 @@ def run_bag_through_node(bag: Path, params: dict, T_initial_mm, out: Path, rate:
         rosbag2 with ``/carm/image`` and ``/carm/camera_info`` (``/carm/ground_truth_pose`` is not replayed).
     params : dict
         Node parameters (``ct_path``, ``labels_path``, ...).
-    T_initial_mm : torch.Tensor
-        ``(4, 4)`` float64 ``T_optical_from_ct`` in mm, published on ``/registration/initial_pose``.
+    T_initial_mm : torch.Tensor or None
+        ``(4, 4)`` float64 ``T_optical_from_ct`` in mm, published on ``/registration/initial_pose``;
+        None: publish nothing (the node initialises with its SCR model, ``models_dir``).
     out : Path
         Folder for ``node.log`` and the ROS log folder.
     rate : float
@@ -68,10 +69,13 @@ def run_bag_through_node(bag: Path, params: dict, T_initial_mm, out: Path, rate:
             time.sleep(0.1)
         log("      node ready (CT loaded, target prepared)")
 
-        log("[4/5] initial pose = ground truth of frame 0 (no SCR initialiser yet); replaying the bag")
-        init = g.publisher(PoseStamped, "/registration/initial_pose")
-        init.publish(pose_msg(T_initial_mm))
-        time.sleep(0.5)
+        if T_initial_mm is not None:
+            log("[4/5] initial pose = ground truth of frame 0; replaying the bag")
+            init = g.publisher(PoseStamped, "/registration/initial_pose")
+            init.publish(pose_msg(T_initial_mm))
+            time.sleep(0.5)
+        else:
+            log("[4/5] no initial pose: the node initialises itself (SCR-PnP, then PPC); replaying the bag")
         res = subprocess.run(
             [sys.executable, "-m", "reg2d3d_ros.replay", str(bag), "--rate", str(rate), "--qos", "sensor",
              "--exclude", "/carm/ground_truth_pose", "--wait-subscribers", "1"],

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import Reg2D3DError
+from ..errors import Reg2D3DError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,12 +94,7 @@ def run(args) -> Path:
 def main(argv=None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except Reg2D3DError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: run(args), "python -m reg2d3d_ros.sim")
 
 
 if __name__ == "__main__":

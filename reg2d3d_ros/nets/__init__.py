@@ -1,0 +1,10 @@
+"""Networks (pure PyTorch, no torchvision): the SCR U-Net, the pose-regression baseline, complexity counts.
+
+Tensors are batch-first ``(B, C, H, W)`` float32 images; outputs follow the input's device and dtype.
+"""
+
+from .complexity import count_macs, count_parameters
+from .posenet import PoseRegressionNet
+from .unet import UNet
+
+__all__ = ["PoseRegressionNet", "UNet", "count_macs", "count_parameters"]

@@ -1,0 +1,151 @@
+"""``python -m reg2d3d_ros.prepare``: prepare a new patient's CT for the node.
+
+Steps (each resumable: finished steps are kept, an interrupted one continues):
+
+1. load the CT and its label map; extract the target's bone surface points (PPC) and store them
+   (``surface_<target>.npz``);
+2. render training views of the CT around the target (:mod:`reg2d3d_ros.scr.data`), cached in
+   ``OUT/cache``;
+3. train the SCR U-Net (checkpoint after every epoch in ``OUT/cache``);
+4. write the model folder: ``scr.pt`` (state dict + metadata, safe to load), ``scr.onnx`` (for
+   ONNX Runtime / TensorRT) and ``scr.json`` (how it was made, training history);
+5. optionally (``--baseline``) train the pose-regression baseline (``posenet.pt``) for the evaluation.
+
+``--quality quick`` is a CPU model (fewer views and epochs: minutes to an hour on a laptop);
+``--quality full`` is meant for a GPU (more views, more epochs). The node uses the folder as its
+``models_dir``.
+
+Usage::
+
+    python -m reg2d3d_ros.prepare --ct CT.nii.gz --labels LABELS.nii.gz [--label-table T.csv]
+        --target T8 --out models/patient [--quality quick|full] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, run_cli
+
+#: Presets of the time/quality knob: training views, epochs, batch size.
+QUALITY = {
+    "tiny": {"views": 24, "epochs": 2, "batch_size": 8, "widths": (8, 16, 24)},  # tests and smoke runs only
+    "quick": {"views": 960, "epochs": 40, "batch_size": 16, "widths": (24, 48, 64, 96)},
+    "full": {"views": 8000, "epochs": 80, "batch_size": 32, "widths": (32, 64, 96, 128, 160)},
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options."""
+    ap = argparse.ArgumentParser(prog="python -m reg2d3d_ros.prepare", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ct", required=True, help="CT file (NIfTI, NRRD, MHA) or DICOM folder")
+    ap.add_argument("--labels", required=True, help="label map of the CT (TotalSegmentator-style)")
+    ap.add_argument("--label-table", default=None, help="CSV of label names (default: TotalSegmentator's names)")
+    ap.add_argument("--target", default="T8", help="structure the node registers (e.g. T8)")
+    ap.add_argument("--out", type=Path, required=True, help="model folder to write (the node's models_dir)")
+    ap.add_argument("--quality", choices=sorted(QUALITY), default="quick", help="time/quality preset")
+    ap.add_argument("--views", type=int, default=None, help="training views (overrides the preset)")
+    ap.add_argument("--epochs", type=int, default=None, help="training epochs (overrides the preset)")
+    ap.add_argument("--size", type=int, default=128, help="network input size, pixels")
+    ap.add_argument("--sdd-mm", type=float, default=1020.0, help="C-arm source-to-detector distance, mm")
+    ap.add_argument("--detector-mm", type=float, default=307.2, help="detector width, mm")
+    ap.add_argument("--step-mm", type=float, default=2.5, help="ray-marching step of the training renderer, mm")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--baseline", action="store_true", help="also train the pose-regression baseline")
+    ap.add_argument("--test-views", type=int, default=0, help="also render this many held-out views (OUT/cache/views_test) for the evaluation")
+    ap.add_argument("--device", default="auto", help="training device: auto, cpu or cuda")
+    ap.add_argument("--init-from", type=Path, default=None, help="warm-start the SCR network from this model file or checkpoint")
+    ap.add_argument("--quiet", action="store_true", help="no progress output")
+    return ap
+
+
+def prepare(args) -> Path:
+    """Run the steps; returns the model folder."""
+    from .engines import export_onnx, resolve_device
+    from .ppc import PPCRegistrator
+    from .scr.data import DatasetSpec, SceneNormalisation, build_view_cache, load_views
+    from .scr.model import SCRInitializer
+    from .scr.train import TrainConfig, train_pose_regression, train_scr
+    from .sim import structure_center
+    from .volume import load_ct, resolve_label
+
+    progress = not args.quiet
+    device = resolve_device(args.device)
+    preset = QUALITY[args.quality]
+    n_views = args.views or preset["views"]
+    epochs = args.epochs or preset["epochs"]
+    if args.size % 32:
+        raise ConfigError(f"--size must be a multiple of 32, got {args.size}")
+    out = Path(args.out)
+    cache = out / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    def say(msg):
+        if progress:
+            print(f"[{time.time() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)
+
+    say(f"loading CT {args.ct}")
+    ct = load_ct(args.ct, labels_path=args.labels, label_table=args.label_table)
+    lid = resolve_label(args.target, ct.label_names)
+    surf_path = out / f"surface_{args.target}.npz"
+    if not surf_path.exists():
+        say(f"extracting the bone surface of {args.target} (PPC)")
+        reg = PPCRegistrator.from_ct(ct, args.target)
+        np.savez(surf_path, pts_ct_mm=reg.pts.numpy(), normals_ct=reg.normals.numpy(), label=lid,
+                 target_pts_ct_mm=ct.label_points_ct_mm([lid], max_points=2000, seed=0))
+    center = tuple(float(v) for v in structure_center(ct, args.target))
+    spec = DatasetSpec(target=str(args.target), center_ct_mm=center, size=args.size, n_views=n_views, seed=args.seed,
+                       sdd_mm=args.sdd_mm, pixel_spacing_mm=args.detector_mm / args.size, step_mm=args.step_mm)
+    say(f"rendering {n_views} training views at {args.size}x{args.size} into {cache / 'views_train'}")
+    files = build_view_cache(ct, spec, cache / "views_train", progress=progress)
+    if args.test_views > 0:
+        test_spec = replace(spec, n_views=args.test_views, seed=args.seed + 777, step_mm=None)
+        say(f"rendering {args.test_views} held-out views into {cache / 'views_test'}")
+        build_view_cache(ct, test_spec, cache / "views_test", progress=progress)
+    views = load_views(files)
+    norm = SceneNormalisation(center, 100.0)
+    cfg = TrainConfig(epochs=epochs, batch_size=preset["batch_size"], seed=args.seed, widths=tuple(preset["widths"]))
+    say(f"training the SCR U-Net ({epochs} epochs, device {device})")
+    net, history = train_scr(views, norm, cfg, cache / "scr_checkpoint.pt", device=device, progress=progress, init_from=args.init_from)
+    meta = {
+        "size": args.size, "stride": cfg.stride, "widths": list(cfg.widths), "center_ct_mm": list(center), "scale_mm": norm.scale_mm,
+        "target": str(args.target), "ct": str(args.ct), "sdd_mm": args.sdd_mm, "detector_mm": args.detector_mm,
+        "quality": args.quality, "training": {"views": json.loads(json.dumps(asdict(spec))), "config": json.loads(json.dumps(asdict(cfg))),
+                                               "history": history, "device": device, "seconds": round(time.time() - t0)},
+    }
+    model = SCRInitializer(net.cpu(), meta)
+    model.save(out / "scr.pt")
+    export_onnx(net.cpu(), torch.zeros(1, 1, args.size, args.size), out / "scr.onnx", output_name="scene")
+    (out / "scr.json").write_text(json.dumps(meta, indent=1))
+    say(f"wrote {out / 'scr.pt'}, {out / 'scr.onnx'}")
+    if args.baseline:
+        say("training the pose-regression baseline")
+        pts = np.load(surf_path)["target_pts_ct_mm"]
+        pcfg = replace(cfg, epochs=max(1, epochs // 3))
+        pnet, phist = train_pose_regression(views, norm, pts, pcfg, cache / "posenet_checkpoint.pt", device=device, progress=progress)
+        sd = {k: v.detach().cpu() for k, v in pnet.state_dict().items()}
+        pmeta = {"size": args.size, "widths": list(cfg.widths), "center_ct_mm": list(center), "depth_mm": pnet.depth_mm,
+                 "scale_mm": pnet.scale_mm, "history": phist}
+        torch.save({"format": "reg2d3d_posenet", "version": 1, "meta_json": json.dumps(pmeta), "state_dict": sd}, cache / "posenet.pt")
+        say(f"wrote {cache / 'posenet.pt'}")
+    say("done")
+    return out
+
+
+def main(argv=None) -> int:
+    """Entry point."""
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: prepare(args), "python -m reg2d3d_ros.prepare")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""Training data for scene coordinate regression, rendered from the patient's CT.
+
+A *view* is a C-arm pose ``T_optical_from_ct`` drawn around the target structure: primary angle
+(LAO/RAO) and secondary angle (cranial/caudal) uniform over wide ranges, the isocentre offset
+from the target by a Gaussian (so that anatomy is often only partly in the field), and the
+source-to-isocentre distance varied (table height). For each view the renderer gives, per pixel
+of the network's image (``size x size``, the full detector area):
+
+- the line integral through the whole CT (what the X-ray sees; degradations are applied on the
+  fly at training time, see :func:`augment_frame`);
+- the CT coordinates (mm) where the pixel's ray enters and leaves the scene bone (the
+  vertebrae of the label map: the spine) and a hit mask.
+
+The scene is the spine, not every bone: on the example CT a network trained with ribs and
+sternum in the scene had a median scene-coordinate error of 15 mm on spine pixels but 40 mm on
+the others (thin, repetitive ribs whose first/last crossings jump between neighbouring pixels),
+and spent its capacity there; the spine is what the node registers.
+
+Views are cached in chunks (``.npz``, float16 scene coordinates, 0.25 mm steps at 300 mm) so a
+long rendering can be resumed. Seeds fix everything: view ``i`` of seed ``s`` is the same on
+every machine.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..geometry.camera import carm_pose
+
+#: Label-name prefixes of the bones whose surfaces are the scene.
+SCENE_LABEL_PREFIXES = ("vertebrae_",)
+
+
+def scene_label_ids(ct, prefixes=SCENE_LABEL_PREFIXES) -> list:
+    """Label ids of the scene bones (names starting with one of ``prefixes``) present in ``ct``'s label map."""
+    if ct.labels is None:
+        raise ConfigError(f"CT {ct.source} has no label map: the SCR scene is defined by bone labels")
+    present = set(np.unique(ct.labels).tolist())
+    ids = sorted(i for name, i in ct.label_names.items() if name.startswith(tuple(prefixes)) and i in present)
+    if not ids:
+        raise ConfigError(f"the label map of {ct.source} has none of the scene bones ({', '.join(prefixes)}...)")
+    return ids
+
+
+@dataclass(frozen=True)
+class ViewDistribution:
+    """How training (and evaluation) views are drawn around the target.
+
+    Attributes
+    ----------
+    lao_deg : tuple of float
+        Primary angle range (uniform), degrees; negative = RAO.
+    cran_deg : tuple of float
+        Secondary angle range (uniform), degrees; negative = caudal.
+    offset_sigma_mm : tuple of float
+        Standard deviation of the isocentre offset from the target along CT x, y, z (LPS), mm.
+    sid_mm : tuple of float
+        Source-to-isocentre distance range (uniform), mm.
+    """
+
+    lao_deg: tuple = (-95.0, 95.0)
+    cran_deg: tuple = (-20.0, 20.0)
+    offset_sigma_mm: tuple = (25.0, 20.0, 40.0)
+    sid_mm: tuple = (630.0, 730.0)
+
+    def sample(self, center_ct_mm, n: int, seed: int) -> torch.Tensor:
+        """``(n, 4, 4)`` float64 poses ``T_optical_from_ct`` (mm) around ``center_ct_mm``."""
+        rng = np.random.default_rng(seed)
+        c = np.asarray(center_ct_mm, dtype=np.float64)
+        out = torch.zeros(n, 4, 4, dtype=torch.float64)
+        for i in range(n):
+            lao = rng.uniform(*self.lao_deg)
+            cran = rng.uniform(*self.cran_deg)
+            off = rng.normal(0.0, self.offset_sigma_mm)
+            sid = rng.uniform(*self.sid_mm)
+            out[i] = carm_pose(c + off, sid, lao_deg=lao, cran_deg=cran)
+        return out
+
+
+@dataclass(frozen=True)
+class SceneNormalisation:
+    """Scene coordinates are regressed as ``(X_ct_mm - center_ct_mm) / scale_mm``."""
+
+    center_ct_mm: tuple
+    scale_mm: float = 100.0
+
+    def normalise(self, x_ct_mm: torch.Tensor) -> torch.Tensor:
+        """``(..., 3)`` CT mm to network units."""
+        return (x_ct_mm - torch.as_tensor(self.center_ct_mm, dtype=x_ct_mm.dtype, device=x_ct_mm.device)) / self.scale_mm
+
+    def denormalise(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., 3)`` network units to CT mm."""
+        return x * self.scale_mm + torch.as_tensor(self.center_ct_mm, dtype=x.dtype, device=x.device)
+
+
+def scr_renderer(ct, binning: int = 2, step_mm: float | None = None, scene_prefixes=SCENE_LABEL_PREFIXES):
+    """Renderer of the whole CT as the X-rays see it, with the scene bones as occupancy.
+
+    The volume is binned ``binning x binning`` in-plane (mean HU; bone occupancy as the mean of
+    the scene mask, so the surface stays where the 0.5 level of the full-resolution mask is).
+    ``step_mm`` is the ray-marching step (default: the binned voxel size); surface crossings are
+    refined by interpolation between samples, so a coarser step mainly smooths the DRR.
+    """
+    from ..drr import DRRRenderer
+    from ..sim.physics import fluoro_attenuation
+
+    ids = scene_label_ids(ct, scene_prefixes)
+    mask = np.isin(ct.labels, ids).astype(np.float32)
+    vol = ct.binned((binning, binning, 1)) if binning > 1 else ct
+    if binning > 1:
+        d, h, w = mask.shape
+        nd, nh, nw = vol.hu.shape
+        mask = mask[:nd, : nh * binning, : nw * binning].reshape(nd, 1, nh, binning, nw, binning).mean(axis=(1, 3, 5))
+    return DRRRenderer(torch.as_tensor(fluoro_attenuation(vol.hu)), vol.T_ct_from_ijk, occupancy=torch.as_tensor(mask), step_mm=step_mm)
+
+
+def render_views(renderer, K: torch.Tensor, size: int, poses: torch.Tensor, batch: int = 4) -> dict:
+    """Render line integrals and scene coordinates of views.
+
+    Parameters
+    ----------
+    renderer : DRRRenderer
+        From :func:`scr_renderer` (needs occupancy).
+    K : torch.Tensor
+        ``(3, 3)`` intrinsics of the ``size x size`` image, pixels.
+    size : int
+        Image size, pixels.
+    poses : torch.Tensor
+        ``(N, 4, 4)`` ``T_optical_from_ct``, mm.
+
+    Returns
+    -------
+    dict
+        ``line_integral`` ``(N, size, size)`` float32; ``entry_ct_mm``, ``exit_ct_mm``
+        ``(N, size, size, 3)`` float32 (0 where no hit); ``hit`` ``(N, size, size)`` bool.
+    """
+    n = len(poses)
+    out = {
+        "line_integral": np.zeros((n, size, size), np.float32),
+        "entry_ct_mm": np.zeros((n, size, size, 3), np.float32),
+        "exit_ct_mm": np.zeros((n, size, size, 3), np.float32),
+        "hit": np.zeros((n, size, size), bool),
+    }
+    with torch.no_grad():
+        for s in range(0, n, batch):
+            T = poses[s : s + batch].to(torch.float64)
+            r = renderer.render(T, K.to(torch.float64), size, size, surfaces=True)
+            e = s + T.shape[0]
+            out["line_integral"][s:e] = r.line_integral.float().numpy()
+            out["entry_ct_mm"][s:e] = r.entry_ct_mm.float().numpy()
+            out["exit_ct_mm"][s:e] = r.exit_ct_mm.float().numpy()
+            out["hit"][s:e] = r.hit.numpy()
+    return out
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a cached view set is: enough to re-create it exactly."""
+
+    target: str
+    center_ct_mm: tuple
+    size: int
+    n_views: int
+    seed: int
+    sdd_mm: float
+    pixel_spacing_mm: float
+    views: ViewDistribution = ViewDistribution()
+    step_mm: float | None = None
+    scene: tuple = SCENE_LABEL_PREFIXES
+
+
+def build_view_cache(ct, spec: DatasetSpec, folder: Path, chunk: int = 64, progress: bool = True) -> list:
+    """Render (or resume rendering) the views of ``spec`` into ``folder``; returns the chunk files.
+
+    A chunk that exists and matches the spec is kept, so an interrupted run resumes.
+    """
+    import json
+
+    from ..geometry import CArmIntrinsics
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta_path = folder / "spec.json"
+    meta = json.loads(json.dumps(asdict(spec)))
+    if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
+        raise ConfigError(f"{folder} holds views of another specification; use an empty folder")
+    meta_path.write_text(json.dumps(meta, indent=1))
+    intr = CArmIntrinsics.from_detector(spec.sdd_mm, spec.pixel_spacing_mm, spec.size, spec.size)
+    K = intr.K(torch.float64)
+    poses = spec.views.sample(spec.center_ct_mm, spec.n_views, spec.seed)
+    renderer = None
+    files = []
+    t0 = time.time()
+    for c0 in range(0, spec.n_views, chunk):
+        path = folder / f"views_{c0:06d}.npz"
+        files.append(path)
+        c1 = min(spec.n_views, c0 + chunk)
+        if path.exists():
+            continue
+        if renderer is None:
+            renderer = scr_renderer(ct, step_mm=spec.step_mm, scene_prefixes=spec.scene)
+        r = render_views(renderer, K, spec.size, poses[c0:c1])
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(
+            tmp, poses=poses[c0:c1].numpy(), line_integral=r["line_integral"].astype(np.float16),
+            entry_ct_mm=r["entry_ct_mm"].astype(np.float16), exit_ct_mm=r["exit_ct_mm"].astype(np.float16), hit=r["hit"],
+        )
+        tmp.rename(path)
+        if progress:
+            _bar("rendering views", c1, spec.n_views, time.time() - t0)
+    if progress:
+        print(file=sys.stderr)
+    return files
+
+
+def load_views(files) -> dict:
+    """Concatenate cached chunks: ``poses`` (N,4,4) f64, ``line_integral`` (N,H,W) f16, ``entry_ct_mm``/``exit_ct_mm`` (N,H,W,3) f16, ``hit`` (N,H,W) bool."""
+    parts = [np.load(f) for f in files]
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("poses", "line_integral", "entry_ct_mm", "exit_ct_mm", "hit")}
+
+
+def _bar(what: str, done: int, total: int, elapsed: float) -> None:
+    """A one-line text progress bar on stderr."""
+    frac = done / max(1, total)
+    eta = elapsed / max(frac, 1e-9) - elapsed
+    n = int(30 * frac)
+    print(f"\r{what} [{'#' * n}{'.' * (30 - n)}] {done}/{total} {elapsed:.0f} s, {eta:.0f} s left ", end="", file=sys.stderr, flush=True)
+
+
+# -- network input ---------------------------------------------------------------------------
+def normalise_frame(att: torch.Tensor) -> torch.Tensor:
+    """Per-image standardisation of attenuation-like frames: invariant to gain and offset.
+
+    Parameters
+    ----------
+    att : torch.Tensor
+        ``(B, 1, H, W)`` attenuation-like images (bright = more material), any float dtype.
+    """
+    mean = att.mean(dim=(-2, -1), keepdim=True)
+    std = att.std(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+    return (att - mean) / std
+
+
+def resize_frame(att: torch.Tensor, size: int) -> torch.Tensor:
+    """Area-resize ``(B, 1, H, W)`` frames to ``(B, 1, size, size)`` (the network's grid)."""
+    if att.shape[-2:] == (size, size):
+        return att
+    return torch.nn.functional.interpolate(att, size=(size, size), mode="area")
+
+
+def augment_frame(line_integral: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A randomly degraded attenuation frame ``(H, W)`` float32 from a line integral.
+
+    Dose, scatter, blur and gain vary per call (the simulator's model, :mod:`reg2d3d_ros.sim.degrade`);
+    a random rectangle is erased (set to the image mean) half of the time, as an occlusion.
+    """
+    from ..sim.degrade import XrayDegradation, degrade
+
+    p = XrayDegradation(
+        photons_per_pixel=float(10 ** rng.uniform(4.3, 6.0)), scatter_fraction=float(rng.uniform(0.0, 0.15)),
+        blur_sigma_px=float(rng.uniform(0.0, 1.0)), gain=float(rng.uniform(0.7, 1.3)), encoding="32FC1",
+    )
+    img = degrade(line_integral.astype(np.float32), p, rng)
+    if rng.random() < 0.5:
+        h, w = img.shape
+        eh, ew = int(rng.uniform(0.05, 0.3) * h), int(rng.uniform(0.05, 0.3) * w)
+        y, x = int(rng.integers(0, h - eh)), int(rng.integers(0, w - ew))
+        img[y : y + eh, x : x + ew] = img.mean()
+    return img.astype(np.float32)
+
+
+class SCRDataset(torch.utils.data.Dataset):
+    """Views as network samples: degraded frame, normalised scene coordinates, hit masks.
+
+    Items: ``image`` ``(1, H, W)`` float32 (standardised), ``coords`` ``(6, H, W)`` float32
+    (entry xyz, exit xyz in network units), ``hit`` ``(1, H, W)`` float32, ``pose`` ``(4, 4)``.
+    """
+
+    def __init__(self, views: dict, norm: SceneNormalisation, augment: bool = True, seed: int = 0):
+        self.v = views
+        self.norm = norm
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.v["poses"])
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng((self.seed, self.epoch, i))
+        L = self.v["line_integral"][i].astype(np.float32)
+        img = augment_frame(L, rng) if self.augment else L
+        image = normalise_frame(torch.from_numpy(img)[None, None])[0]
+        e = self.norm.normalise(torch.from_numpy(self.v["entry_ct_mm"][i].astype(np.float32)))
+        x = self.norm.normalise(torch.from_numpy(self.v["exit_ct_mm"][i].astype(np.float32)))
+        hit = torch.from_numpy(self.v["hit"][i])[None].float()
+        coords = torch.cat([e, x], dim=-1).permute(2, 0, 1) * hit
+        return {"image": image, "coords": coords, "hit": hit, "pose": torch.from_numpy(self.v["poses"][i])}
+
+
+def pixel_scale_for(size: int, detector_mm: float = 307.2) -> float:
+    """Pixel spacing (mm) of a ``size``-pixel image of the standard detector width."""
+    return detector_mm / size
+
+
+__all__ = [
+    "SCENE_LABEL_PREFIXES", "DatasetSpec", "SCRDataset", "SceneNormalisation", "ViewDistribution", "augment_frame",
+    "build_view_cache", "load_views", "normalise_frame", "pixel_scale_for", "render_views", "resize_frame", "scene_label_ids",
+    "scr_renderer",
+]

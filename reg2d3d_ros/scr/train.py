@@ -1,0 +1,237 @@
+"""Training of the SCR U-Net and of the pose-regression baseline, resumable.
+
+Both trainers take the cached views of :mod:`reg2d3d_ros.scr.data`, degrade them on the fly,
+and write a checkpoint after every epoch (``torch.save`` of plain state dicts, read back with
+``weights_only=True``); started again with the same checkpoint path they resume where they
+stopped. Under ``torchrun`` (``WORLD_SIZE > 1``) they use PyTorch's DistributedDataParallel with
+a DistributedSampler; rank 0 writes the checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from .data import SCRDataset, SceneNormalisation, _bar
+from .loss import scr_loss
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings (Adam, constant learning rate as in the seed, then a short decay)."""
+
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 1e-3
+    seed: int = 0
+    widths: tuple = (24, 48, 64, 96)
+    stride: int = 2
+    validation_fraction: float = 0.05
+    l1_weight: float = 1.0
+
+
+def _distributed():
+    """``(rank, world_size)``; initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world
+
+
+def _lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """Constant, then a cosine decay over the last third."""
+    start = int(cfg.epochs * 2 / 3)
+    if epoch < start:
+        return cfg.lr
+    frac = (epoch - start) / max(1, cfg.epochs - start)
+    return float(cfg.lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * frac))))
+
+
+def _load_checkpoint(path: Path, meta: dict):
+    if not path.exists():
+        return None
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(exc).__name__}); delete it to train from the start") from None
+    def without_epochs(m):  # more epochs continue a finished training
+        m = json.loads(json.dumps(m))
+        m["config"].pop("epochs", None)
+        return m
+
+    if without_epochs(json.loads(ck["meta_json"])) != without_epochs(meta):
+        raise ConfigError(f"checkpoint {path} belongs to another training set-up; delete it or use another output folder")
+    return ck
+
+
+def _resume(checkpoint: Path, meta: dict, net, opt):
+    """Load a matching checkpoint into ``net``/``opt``; returns ``(history, start_epoch, resumed)``."""
+    ck = _load_checkpoint(Path(checkpoint), meta)
+    if ck is None:
+        return [], 0, False
+    net.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    return json.loads(ck["history_json"]), int(ck["epoch"]) + 1, True
+
+
+def _save(checkpoint: Path, epoch: int, net, opt, meta: dict, history: list) -> None:
+    """Write a checkpoint atomically (plain state dicts and JSON strings: ``weights_only`` loadable)."""
+    tmp = Path(checkpoint).with_suffix(".tmp")
+    torch.save({"epoch": epoch, "model": net.state_dict(), "optimizer": opt.state_dict(), "meta_json": json.dumps(meta),
+                "history_json": json.dumps(history)}, tmp)
+    tmp.replace(checkpoint)
+
+
+def train_scr(views: dict, norm: SceneNormalisation, cfg: TrainConfig, checkpoint: Path, device: str = "cpu", progress: bool = True,
+              init_from: Path | None = None):
+    """Train the SCR U-Net on cached views (resuming from ``checkpoint``).
+
+    ``init_from`` (an SCR model file or checkpoint of the same network) warm-starts the weights
+    of a new training (ignored when resuming).
+
+    Returns
+    -------
+    (UNet, list of dict)
+        The trained network (eval mode) and the per-epoch history (train/validation loss and
+        mean scene-coordinate error in mm over hit pixels).
+    """
+    from ..nets import UNet
+
+    rank, world = _distributed()
+    torch.manual_seed(cfg.seed)
+    n = len(views["poses"])
+    n_val = max(1, int(round(n * cfg.validation_fraction)))
+    idx = np.arange(n)
+    train_idx, val_idx = idx[: n - n_val], idx[n - n_val :]
+    ds = SCRDataset(views, norm, augment=True, seed=cfg.seed)
+    ds_val = SCRDataset(views, norm, augment=True, seed=cfg.seed + 1)
+    net = UNet(1, 8, widths=cfg.widths, stride=cfg.stride).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    meta = {"kind": "scr", "config": json.loads(json.dumps(asdict(cfg))), "n_views": n, "norm": [list(norm.center_ct_mm), norm.scale_mm]}
+    history, start_epoch, resumed = _resume(checkpoint, meta, net, opt)
+    if resumed:
+        if progress and rank == 0:
+            print(f"resuming SCR training at epoch {start_epoch + 1}/{cfg.epochs} from {checkpoint}", file=sys.stderr)
+    elif init_from is not None:
+        try:
+            blob = torch.load(init_from, map_location="cpu", weights_only=True)
+            net.load_state_dict(blob["model"] if "model" in blob else blob["state_dict"])
+        except Exception as exc:
+            raise ConfigError(f"cannot warm-start from {init_from}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+        if progress and rank == 0:
+            print(f"warm start from {init_from}", file=sys.stderr)
+    model = net
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None)
+    off = cfg.stride // 2
+    t0 = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(cfg, epoch)
+        ds.epoch = epoch
+        sub = torch.utils.data.Subset(ds, train_idx.tolist())
+        sampler = torch.utils.data.distributed.DistributedSampler(sub, seed=cfg.seed) if world > 1 else None
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        loader = torch.utils.data.DataLoader(sub, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, generator=gen, drop_last=True)
+        model.train()
+        tot, cnt, t_epoch = 0.0, 0, time.time()
+        for b, item in enumerate(loader):
+            x = item["image"].to(device)
+            y = item["coords"][:, :, off :: cfg.stride, off :: cfg.stride].to(device)
+            m = item["hit"][:, :, off :: cfg.stride, off :: cfg.stride].to(device)
+            out = scr_loss(model(x), y, m, l1_weight=cfg.l1_weight)
+            opt.zero_grad()
+            out["loss"].backward()
+            opt.step()
+            tot += float(out["loss"].detach())
+            cnt += 1
+            if progress and rank == 0:
+                _bar(f"SCR epoch {epoch + 1}/{cfg.epochs}", b + 1, len(loader), time.time() - t_epoch)
+        val = evaluate_scr_loss(net, ds_val, val_idx, cfg, device)
+        history.append({"epoch": epoch + 1, "train_loss": tot / max(1, cnt), **val, "seconds": round(time.time() - t0, 1)})
+        if progress and rank == 0:
+            print(f"\nepoch {epoch + 1}: train loss {tot / max(1, cnt):.3f}, validation loss {val['val_loss']:.3f}, "
+                  f"scene-coordinate error {val['val_err_mm']:.2f} mm", file=sys.stderr)
+        if rank == 0:
+            _save(checkpoint, epoch, net, opt, meta, history)
+    net.eval()
+    return net, history
+
+
+def evaluate_scr_loss(net, ds: SCRDataset, idx, cfg: TrainConfig, device: str = "cpu") -> dict:
+    """Validation loss and mean scene-coordinate error (mm) over hit pixels."""
+    net.eval()
+    off = cfg.stride // 2
+    tot, err, n = 0.0, 0.0, 0
+    with torch.no_grad():
+        for i in idx:
+            item = ds[int(i)]
+            x = item["image"][None].to(device)
+            y = item["coords"][None, :, off :: cfg.stride, off :: cfg.stride].to(device)
+            m = item["hit"][None, :, off :: cfg.stride, off :: cfg.stride].to(device)
+            out = scr_loss(net(x), y, m)
+            tot += float(out["loss"].detach())
+            err += float(out["err"]) * ds.norm.scale_mm
+            n += 1
+    net.train()
+    return {"val_loss": tot / max(1, n), "val_err_mm": err / max(1, n)}
+
+
+def train_pose_regression(views: dict, norm: SceneNormalisation, target_pts_ct_mm: np.ndarray, cfg: TrainConfig, checkpoint: Path,
+                          device: str = "cpu", progress: bool = True):
+    """Train the PoseNet-style baseline with a geometric loss (mean 3-D distance of target points, mm).
+
+    Returns
+    -------
+    (PoseRegressionNet, list of dict)
+    """
+    from ..nets import PoseRegressionNet
+
+    torch.manual_seed(cfg.seed)
+    n = len(views["poses"])
+    ds = SCRDataset(views, norm, augment=True, seed=cfg.seed + 7)
+    depth = float(np.median(np.linalg.norm(views["poses"][:, :3, 3], axis=1)))
+    net = PoseRegressionNet(widths=cfg.widths, center_ct_mm=tuple(norm.center_ct_mm), depth_mm=depth, scale_mm=norm.scale_mm).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    pts = torch.as_tensor(target_pts_ct_mm, dtype=torch.float32, device=device)
+    meta = {"kind": "posenet", "config": json.loads(json.dumps(asdict(cfg))), "n_views": n, "norm": [list(norm.center_ct_mm), norm.scale_mm]}
+    history, start_epoch, _ = _resume(checkpoint, meta, net, opt)
+    t0 = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(cfg, epoch)
+        ds.epoch = epoch
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, generator=gen, drop_last=True)
+        net.train()
+        tot, cnt, t_epoch = 0.0, 0, time.time()
+        for b, item in enumerate(loader):
+            T_gt = item["pose"].to(device=device, dtype=torch.float32)
+            T = net(item["image"].to(device))
+            p_gt = pts @ T_gt[:, :3, :3].transpose(1, 2) + T_gt[:, None, :3, 3]
+            p = pts @ T[:, :3, :3].transpose(1, 2) + T[:, None, :3, 3]
+            loss = (p - p_gt).norm(dim=-1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            tot += float(loss.detach())
+            cnt += 1
+            if progress:
+                _bar(f"pose regression epoch {epoch + 1}/{cfg.epochs}", b + 1, len(loader), time.time() - t_epoch)
+        history.append({"epoch": epoch + 1, "train_mtre_mm": tot / max(1, cnt), "seconds": round(time.time() - t0, 1)})
+        if progress:
+            print(f"\nepoch {epoch + 1}: train mTRE {tot / max(1, cnt):.1f} mm", file=sys.stderr)
+        _save(checkpoint, epoch, net, opt, meta, history)
+    net.eval()
+    return net, history

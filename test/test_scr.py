@@ -1,0 +1,209 @@
+"""SCR-PnP initialisation: loss, PnP with outliers, conventions end to end, model files, tiny training run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from reg2d3d_ros.errors import ModelLoadError
+from reg2d3d_ros.geometry import CArmIntrinsics, carm_pose, project_points
+from reg2d3d_ros.scr.loss import scr_loss
+from reg2d3d_ros.scr.pnp import select_correspondences, solve_pnp
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _pred(mean, log_sigma):
+    """(B, 8, h, w) from entry/exit means (B, 2, 3, h, w) and log sigmas (B, 2, h, w)."""
+    B, _, _, h, w = mean.shape
+    return torch.cat([mean, log_sigma[:, :, None]], dim=2).reshape(B, 8, h, w)
+
+
+def test_loss_is_the_gaussian_nll_on_hits_and_pushes_sigma_up_elsewhere():
+    torch.manual_seed(0)
+    X = torch.randn(2, 6, 8, 8)
+    hit = torch.zeros(2, 1, 8, 8)
+    hit[:, :, :4] = 1.0
+    d = 0.3  # every hit coordinate is off by d along x
+    mean = X.reshape(2, 2, 3, 8, 8).clone()
+    mean[:, :, 0] += d
+    # the NLL 0.5 d^2 / sigma^2 + 3 log sigma is smallest at sigma^2 = d^2 / 3
+    s_opt = 0.5 * np.log(d * d / 3)
+    losses = {}
+    for s in (s_opt - 0.5, s_opt, s_opt + 0.5):
+        out = scr_loss(_pred(mean, torch.full((2, 2, 8, 8), s)), X, hit)
+        losses[s] = float(out["nll"])
+        assert abs(float(out["err"]) - d) < 1e-5
+    assert losses[s_opt] < losses[s_opt - 0.5] and losses[s_opt] < losses[s_opt + 0.5]
+    assert losses[s_opt] == pytest.approx(0.5 * 3 + 3 * s_opt, abs=1e-5)
+    # pixels without bone: loss 1/sigma, falling as sigma grows; their mean does not enter the NLL
+    lo = scr_loss(_pred(mean, torch.full((2, 2, 8, 8), 0.0)), X, hit)
+    hi = scr_loss(_pred(mean, torch.full((2, 2, 8, 8), 2.0)), X, hit)
+    assert float(hi["nonhit"]) < float(lo["nonhit"])
+    wild = mean.clone()
+    wild[..., 4:, :] += 100.0  # garbage where there is no bone
+    assert float(scr_loss(_pred(wild, torch.zeros(2, 2, 8, 8)), X, hit)["nll"]) == pytest.approx(float(lo["nll"]))
+    # gradients flow
+    p = _pred(mean, torch.zeros(2, 2, 8, 8)).requires_grad_(True)
+    scr_loss(p, X, hit)["loss"].backward()
+    assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("outlier_fraction", [0.0, 0.4, 0.6])
+def test_ransac_pnp_recovers_the_pose_from_scene_coordinates_with_outliers(outlier_fraction):
+    rng = np.random.default_rng(1)
+    intr = CArmIntrinsics.from_detector(1020.0, 1.2, 256, 256)
+    K = intr.K(torch.float64)
+    center = np.array([10.0, -20.0, -150.0])
+    T = carm_pose(center, 680.0, lao_deg=25.0, cran_deg=-8.0)
+    # a vertebra-sized cloud of scene coordinates (entry/exit points of a 60 mm structure)
+    pts = center + rng.uniform(-30, 30, size=(500, 3))
+    uv, _ = project_points(K, T, torch.from_numpy(pts))
+    uv = uv.numpy() + rng.normal(0, 0.5, size=(500, 2))
+    n_out = int(outlier_fraction * len(pts))
+    bad = rng.choice(len(pts), n_out, replace=False)
+    pts_noisy = pts.copy()
+    pts_noisy[bad] += rng.normal(0, 40.0, size=(n_out, 3))  # wrong scene coordinates
+    res = solve_pnp(pts_noisy, uv, K.numpy(), reprojection_px=3.0, seed=0)
+    assert res.T_optical_from_ct is not None
+    from reg2d3d_ros.eval import mtre
+
+    err = float(mtre(res.T_optical_from_ct, T, torch.from_numpy(pts)))
+    assert err < 1.5, err
+    assert res.inlier_fraction == pytest.approx(1 - outlier_fraction, abs=0.08)
+    assert res.reprojection_px < 1.5
+
+
+def test_pnp_fails_cleanly_without_enough_points():
+    res = solve_pnp(np.zeros((3, 3)), np.zeros((3, 2)), np.eye(3))
+    assert res.T_optical_from_ct is None and res.n_inliers == 0
+
+
+def test_selection_keeps_confident_points_spread_and_bounded():
+    h = w = 32
+    mean = torch.randn(2, h, w, 3)
+    s = torch.full((2, h, w), 1.0)
+    s[0, 4:28, 4:28] = -4.0  # confident block (entry)
+    s[1, 10:20, 10:20] = -5.0  # more confident (exit)
+    uv = torch.stack(torch.meshgrid(torch.arange(w, dtype=torch.float64), torch.arange(h, dtype=torch.float64), indexing="xy"), -1)
+    pts, uvs, ls = select_correspondences(mean, s, uv, max_log_sigma=-3.0, max_points=200)
+    assert len(pts) == 200 and (ls < -3.0).all()
+    # spread: the kept pixels cover most of the confident block, not just the most confident corner
+    assert np.ptp(uvs[:, 0]) > 18 and np.ptp(uvs[:, 1]) > 18
+    few, _, _ = select_correspondences(mean, s, uv, max_log_sigma=-4.5, max_points=1000)
+    assert len(few) == 100
+
+
+@pytest.fixture(scope="module")
+def rendered_views():
+    """Two views of the example CT at 64x64 with ground-truth scene coordinates."""
+    from reg2d3d_ros.example import load_example
+    from reg2d3d_ros.scr.data import ViewDistribution, render_views, scr_renderer
+    from reg2d3d_ros.sim import structure_center
+
+    ct = load_example()
+    c = structure_center(ct, "T8")
+    poses = ViewDistribution().sample(c, 2, seed=3)
+    K = CArmIntrinsics.from_detector(1020.0, 307.2 / 64, 64, 64).K(torch.float64)
+    return {"views": render_views(scr_renderer(ct, step_mm=2.0), K, 64, poses), "poses": poses, "center": c,
+            "pts": torch.from_numpy(ct.label_points_ct_mm([ct.label_names["vertebrae_T8"]], max_points=500))}
+
+
+def test_oracle_scene_coordinates_give_the_true_pose_through_the_initialiser(rendered_views):
+    """Pixel mapping, normalisation, selection and PnP agree with the renderer's conventions."""
+    from reg2d3d_ros.eval import mtre
+    from reg2d3d_ros.nets import UNet
+    from reg2d3d_ros.scr.data import SceneNormalisation
+    from reg2d3d_ros.scr.model import SCRInitializer
+
+    v = rendered_views["views"]
+    norm = SceneNormalisation(tuple(rendered_views["center"]), 100.0)
+    meta = {"size": 64, "stride": 2, "widths": [8, 16], "center_ct_mm": list(norm.center_ct_mm), "scale_mm": 100.0}
+    for i in range(2):
+        # an oracle network: the true coordinates at the output pixels, confident where bone is hit
+        e = norm.normalise(torch.from_numpy(v["entry_ct_mm"][i]))[1::2, 1::2]
+        x = norm.normalise(torch.from_numpy(v["exit_ct_mm"][i]))[1::2, 1::2]
+        hit = torch.from_numpy(v["hit"][i])[1::2, 1::2]
+        s = torch.where(hit, -5.0, 3.0)
+        out = torch.cat([e.permute(2, 0, 1), s[None], x.permute(2, 0, 1), s[None]])[None].float().numpy()
+        model = SCRInitializer(UNet(1, 8, widths=(8, 16)), meta, runner=lambda _x, out=out: out)
+        # the frame is twice the network's size: the output pixels map back by the pixel-centre convention
+        frame = np.kron(v["line_integral"][i], np.ones((2, 2), np.float32))
+        K = CArmIntrinsics.from_detector(1020.0, 307.2 / 128, 128, 128).K(torch.float64).numpy()
+        r = model.initialise(frame, K)
+        assert r.accepted, r.why
+        err = float(mtre(r.T_optical_from_ct, rendered_views["poses"][i], rendered_views["pts"]))
+        assert err < 1.0, err
+
+
+def test_model_file_round_trip_and_bad_files(tmp_path):
+    from reg2d3d_ros.nets import UNet
+    from reg2d3d_ros.scr.model import SCRInitializer
+
+    meta = {"size": 64, "stride": 2, "widths": [8, 16, 24], "center_ct_mm": [1.0, 2.0, 3.0], "scale_mm": 100.0}
+    m = SCRInitializer(UNet(1, 8, widths=(8, 16, 24)), meta)
+    m.save(tmp_path / "scr.pt")
+    m2 = SCRInitializer.load(tmp_path / "scr.pt")
+    frame = np.random.default_rng(0).random((128, 128)).astype(np.float32)
+    assert torch.allclose(m.predict(frame), m2.predict(frame), atol=1e-6)
+    (tmp_path / "bad.pt").write_bytes(b"not a model at all")
+    with pytest.raises(ModelLoadError, match="cannot be read"):
+        SCRInitializer.load(tmp_path / "bad.pt")
+    torch.save({"format": "something else"}, tmp_path / "other.pt")
+    with pytest.raises(ModelLoadError, match="not an SCR model"):
+        SCRInitializer.load(tmp_path / "other.pt")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        SCRInitializer.load(tmp_path / "missing.pt")
+    blob = torch.load(tmp_path / "scr.pt", weights_only=True)
+    blob["meta_json"] = json.dumps({**meta, "widths": [8, 16]})
+    torch.save(blob, tmp_path / "mismatch.pt")
+    with pytest.raises(ModelLoadError, match="does not match"):
+        SCRInitializer.load(tmp_path / "mismatch.pt")
+
+
+def test_tiny_prepare_trains_exports_and_the_pipeline_uses_it(tmp_path):
+    """The preparation command end to end on a few views; the pipeline initialises with the model."""
+    from reg2d3d_ros.engines import make_runner
+    from reg2d3d_ros.example import example_paths
+    from reg2d3d_ros.pipeline import PipelineConfig, RegistrationPipeline
+    from reg2d3d_ros.scr.model import SCRInitializer
+
+    ex = example_paths()
+    out = tmp_path / "models"
+    cmd = [sys.executable, "-m", "reg2d3d_ros.prepare", "--ct", str(ex.ct), "--labels", str(ex.labels), "--label-table", str(ex.label_table),
+           "--target", "T8", "--out", str(out), "--quality", "tiny", "--size", "64", "--epochs", "3", "--quiet"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    meta = json.loads((out / "scr.json").read_text())
+    hist = meta["training"]["history"]
+    assert len(hist) == 3 and hist[-1]["train_loss"] < hist[0]["train_loss"]
+    # resumable: a second run finds the views and the finished checkpoint and does not train again
+    res2 = subprocess.run(cmd[:-1], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res2.returncode == 0 and "resuming" in res2.stderr and "rendering views [" not in res2.stderr
+    # ONNX Runtime and PyTorch agree
+    m = SCRInitializer.load(out / "scr.pt")
+    frame = np.random.default_rng(0).random((128, 128)).astype(np.float32)
+    onnx_out = make_runner(out / "scr.onnx", "onnxruntime", "cpu")(m.network_input(frame).numpy())
+    assert np.allclose(onnx_out[0], m.predict(frame).numpy(), atol=1e-4)
+    # the pipeline loads it and runs SCR on a frame without an initial pose
+    p = RegistrationPipeline(PipelineConfig(ct_path=str(ex.ct), labels_path=str(ex.labels), label_table_path=str(ex.label_table), target="T8",
+                                            models_dir=str(out), backend="onnxruntime"))
+    p.load()
+    assert p.scr is not None and p.scr.runner is not None
+    p.set_camera_info(CArmIntrinsics.from_detector(1020.0, 2.4, 128, 128).K(torch.float64).numpy().ravel().tolist(), 128, 128)
+    img = (frame * 1000).astype(np.float32)
+    r = p.process("32FC1", 128, 128, 128 * 4, img.tobytes())
+    assert "scr_inliers" in r.details and "scr_ms" in r.details
+    if r.T_optical_from_ct is None:  # a 3-epoch model on noise is rejected, with the reason
+        assert r.error.startswith("SCR:") and r.state == "initialising"
+
+
+def test_prepare_reports_user_errors_without_traceback(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "reg2d3d_ros.prepare", "--ct", str(tmp_path / "nope.nii.gz"), "--labels", str(tmp_path / "l.nii.gz"),
+                          "--out", str(tmp_path / "o"), "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "error:" in res.stderr and "Traceback" not in res.stderr
