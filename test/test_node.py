@@ -129,6 +129,16 @@ def send_info_and_initial_pose(n, bag_msgs, seq):
     time.sleep(0.5)
 
 
+def ready_node(node_factory, sim_bag, extra=None):
+    """A started node (initialising), its publishers, camera info and frame 0's pose sent; returns ``(node, bag messages, frames)``."""
+    n = node_factory(sim_bag["params"], extra)
+    n.wait_state("initialising")
+    n.publishers()
+    msgs = bag_messages(sim_bag["path"])
+    send_info_and_initial_pose(n, msgs, sim_bag["seq"])
+    return n, msgs, frames_of(msgs)
+
+
 def frames_of(bag_msgs):
     from rclpy.serialization import deserialize_message
     from sensor_msgs.msg import Image
@@ -146,12 +156,7 @@ def mrpd_of(msg, T_gt, pts):
 
 
 def test_every_frame_answered_with_copied_header_and_tf(sim_bag, node_factory):
-    n = node_factory(sim_bag["params"])
-    n.wait_state("initialising")
-    n.publishers()
-    msgs = bag_messages(sim_bag["path"])
-    send_info_and_initial_pose(n, msgs, sim_bag["seq"])
-    frames = frames_of(msgs)
+    n, _, frames = ready_node(node_factory, sim_bag)
     for i, f in enumerate(frames):  # lock-step: the next frame after the pose of this one
         n.img_pub.publish(f)
         n.g.wait_for(lambda: len(n.poses) > i, 30.0, f"pose of frame {i}")
@@ -186,7 +191,10 @@ def test_replay_tool_feeds_the_node_and_recorder_writes_outputs(sim_bag, node_fa
     before = len(n.poses)  # published before the recorder existed
     rec = subprocess.Popen([sys.executable, "-m", "reg2d3d_ros.record", str(rec_bag), "--topics", "/registration/pose", "/tf", "--duration", "25"],
                            env=n.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(2.0)  # the recorder's subscriptions match
+    # the recorder's subscriptions exist on the graph (the test's own are the first one of each)
+    n.g.wait_for(lambda: n.g.node.count_subscribers("/registration/pose") >= 2 and n.g.node.count_subscribers("/tf") >= 2, 30.0,
+                 "recorder subscriptions")
+    time.sleep(1.0)  # and match the node's publishers
     # replay at a fifth of real time (a frame every 0.33 s): the tracker keeps up with it
     res = subprocess.run([sys.executable, "-m", "reg2d3d_ros.replay", str(sim_bag["path"]), "--rate", "0.2", "--qos", "sensor",
                           "--exclude", "/carm/ground_truth_pose", "--wait-subscribers", "1"],
@@ -325,12 +333,7 @@ def test_overload_newest_frame_wins_latency_bounded_memory_flat(sim_bag, node_fa
 def test_sudden_jump_is_lost_then_reinitialised_and_reset_forgets(sim_bag, node_factory):
     from std_srvs.srv import Trigger
 
-    n = node_factory(sim_bag["params"])
-    n.wait_state("initialising")
-    n.publishers()
-    msgs = bag_messages(sim_bag["path"])
-    send_info_and_initial_pose(n, msgs, sim_bag["seq"])
-    frames = frames_of(msgs)
+    n, _, frames = ready_node(node_factory, sim_bag)
     for i in range(4):  # initialise on frame 0, track 1-3
         n.img_pub.publish(frames[i])
         n.g.wait_for(lambda: len(n.poses) > i, 30.0, f"pose of frame {i}")

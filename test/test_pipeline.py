@@ -135,36 +135,37 @@ class FakeRegistrator:
         return self._result("track", T)
 
 
+def fake_pipeline(registrator, scr=None, initial_pose: bool = True):
+    """A pipeline on 8x8 frames around a stand-in registrator (and SCR), camera info set."""
+    pipe = RegistrationPipeline(PipelineConfig())
+    pipe.registrator, pipe.state, pipe.scr = registrator, INITIALISING, scr
+    pipe.set_camera_info([100.0, 0, 3.5, 0, 100.0, 3.5, 0, 0, 1], 8, 8)
+    if initial_pose:
+        pipe.set_initial_pose(torch.eye(4, dtype=torch.float64))
+    return pipe
+
+
 def test_relative_inlier_drop_is_judged_lost():
     seq_img = (np.random.default_rng(0).random((8, 8)) * 1000).astype(np.uint16)
     f = encode_image(seq_img, "mono16")
     args = (f["encoding"], f["height"], f["width"], f["step"], f["data"])
     # init 0.72, tracking 0.70 0.73 0.71 0.69, then a jump: 0.47 (> absolute 0.3, < 0.85 x 0.71)
     fake = FakeRegistrator([0.72, 0.70, 0.73, 0.71, 0.69, 0.47, 0.70, 0.68])
-    pipe = RegistrationPipeline(PipelineConfig())
-    pipe.registrator, pipe.state = fake, INITIALISING
-    pipe.set_camera_info([100.0, 0, 3.5, 0, 100.0, 3.5, 0, 0, 1], 8, 8)
-    pipe.set_initial_pose(torch.eye(4, dtype=torch.float64))
+    pipe = fake_pipeline(fake)
     states = [pipe.process(*args) for _ in range(8)]
     assert [s.T_optical_from_ct is not None for s in states] == [True] * 5 + [False, True, True]
     assert states[5].state == LOST and "dropped below 0.85 x its recent level 0.71" in states[5].error
     assert fake.calls == ["register"] + ["track"] * 4 + ["track", "register", "track"]  # re-initialised after the loss
     # a slow decline is followed (the reference is a running median), and 0.3 stays the absolute floor
     fake = FakeRegistrator([0.70, 0.68, 0.66, 0.64, 0.62, 0.60, 0.58, 0.56, 0.29])
-    pipe = RegistrationPipeline(PipelineConfig())
-    pipe.registrator, pipe.state = fake, INITIALISING
-    pipe.set_camera_info([100.0, 0, 3.5, 0, 100.0, 3.5, 0, 0, 1], 8, 8)
-    pipe.set_initial_pose(torch.eye(4, dtype=torch.float64))
+    pipe = fake_pipeline(fake)
     states = [pipe.process(*args) for _ in range(9)]
     assert [s.state for s in states] == [TRACKING] * 8 + [LOST]
     assert "0.29 < 0.3" in states[-1].error
     # a re-initialisation that lands clearly below the level before the loss is rejected too
     # (e.g. on a neighbouring vertebra); a new initial pose clears the level
     fake = FakeRegistrator([0.72, 0.70, 0.73, 0.71, 0.40, 0.50, 0.50, 0.52])
-    pipe = RegistrationPipeline(PipelineConfig())
-    pipe.registrator, pipe.state = fake, INITIALISING
-    pipe.set_camera_info([100.0, 0, 3.5, 0, 100.0, 3.5, 0, 0, 1], 8, 8)
-    pipe.set_initial_pose(torch.eye(4, dtype=torch.float64))
+    pipe = fake_pipeline(fake)
     states = [pipe.process(*args) for _ in range(6)]
     assert [s.state for s in states] == [TRACKING] * 4 + [LOST, LOST]
     assert "re-initialisation rejected" in states[5].error and fake.calls[-1] == "register"
@@ -204,9 +205,7 @@ def test_scr_initialises_without_an_initial_pose_and_after_a_loss():
 
     fake = Recording([0.7, 0.7, 0.2, 0.7, 0.7])
     scr = FakeSCR([(False, None), (True, T_scr), (True, T_scr), (False, None)])
-    pipe = RegistrationPipeline(PipelineConfig())
-    pipe.registrator, pipe.state, pipe.scr = fake, INITIALISING, scr
-    pipe.set_camera_info([100.0, 0, 3.5, 0, 100.0, 3.5, 0, 0, 1], 8, 8)
+    pipe = fake_pipeline(fake, scr, initial_pose=False)
     # 1: SCR rejects and there is no pose to fall back on: nothing published, the reason is given
     r = pipe.process(*args)
     assert r.T_optical_from_ct is None and r.state == INITIALISING and r.error.startswith("SCR:") and fake.calls == []

@@ -305,13 +305,8 @@ class SCRDataset(torch.utils.data.Dataset):
         return {"image": image, "coords": coords, "hit": hit, "pose": torch.from_numpy(self.v["poses"][i])}
 
 
-def pixel_scale_for(size: int, detector_mm: float = 307.2) -> float:
-    """Pixel spacing (mm) of a ``size``-pixel image of the standard detector width."""
-    return detector_mm / size
-
-
 __all__ = [
     "SCENE_LABEL_PREFIXES", "DatasetSpec", "SCRDataset", "SceneNormalisation", "ViewDistribution", "augment_frame",
-    "build_view_cache", "load_views", "normalise_frame", "pixel_scale_for", "render_views", "resize_frame", "scene_label_ids",
+    "build_view_cache", "load_views", "normalise_frame", "render_views", "resize_frame", "scene_label_ids",
     "scr_renderer",
 ]
