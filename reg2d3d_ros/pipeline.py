@@ -33,9 +33,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import ConfigError, ImageError, Reg2D3DError
+from .errors import ConfigError, ImageError, ModelLoadError, Reg2D3DError
 from .geometry.camera import CArmIntrinsics
 from .images import decode_image, to_attenuation
+
+#: Update operators the ``tracker`` setting accepts.
+TRACKERS = ("ppc", "ppc_l", "ppc_l_plus", "ppc_l_hybrid", "ppc_flow_plus")
 
 WAITING_FOR_CT = "waiting_for_ct"
 INITIALISING = "initialising"
@@ -56,7 +59,15 @@ class PipelineConfig:
     intensity : str
         ``attenuation`` or ``transmission`` (what the frames' pixel values mean).
     tracker : str
-        ``ppc`` (classic PPC; learned trackers plug in here later).
+        Update operator of registration and tracking (:data:`TRACKERS`): ``ppc`` (classic:
+        NGC weights, MCCR), ``ppc_l`` (PPC-L's learned correspondence weights at every level,
+        tracking included; needs a network per level), ``ppc_l_plus`` (learned at the coarse
+        levels of a registration, classic at full resolution and for tracking), ``ppc_l_hybrid``
+        (as ``ppc_l_plus`` with the learned weights inside the classic update: MCCR, anchor,
+        trust region) or ``ppc_flow_plus`` (the PPC Flow
+        Attention operator at the coarsest level of a registration, classic above it and for
+        tracking). The PPC-L ones need ``ppcl.pt`` in ``models_dir``
+        (:mod:`reg2d3d_ros.train_ppcl`), the flow one ``ppcflow.pt`` (:mod:`reg2d3d_ros.train_ppcflow`).
     lost_inlier_fraction : float
         A registration whose inlier fraction is below this is judged lost.
     lost_relative_fraction : float
@@ -127,8 +138,8 @@ class RegistrationPipeline:
     def __init__(self, config: PipelineConfig):
         if config.intensity not in ("attenuation", "transmission"):
             raise ConfigError(f"intensity must be 'attenuation' or 'transmission', got {config.intensity!r}")
-        if config.tracker != "ppc":
-            raise ConfigError(f"tracker {config.tracker!r} is not available (available: ppc)")
+        if config.tracker not in TRACKERS:
+            raise ConfigError(f"tracker {config.tracker!r} is not available (available: {', '.join(TRACKERS)})")
         from .engines import BACKENDS, DEVICES
 
         if config.backend not in BACKENDS:
@@ -149,6 +160,8 @@ class RegistrationPipeline:
         self._previous: torch.Tensor | None = None
         self._recent_inliers: list = []  # inlier fractions of the frames accepted since the last initialisation
         self.scr = None  # SCR-PnP initialiser when the models folder has one
+        self.register_config = None  # PPC configurations of registration and tracking (set by load)
+        self.track_config = None
 
     # -- set-up ------------------------------------------------------------------------------
     def load(self) -> None:
@@ -166,7 +179,16 @@ class RegistrationPipeline:
         if not cfg.labels_path:
             raise ConfigError("no label map given: set labels_path (the target structure is selected from it)")
         ct = load_ct(cfg.ct_path, labels_path=cfg.labels_path, label_table=cfg.label_table_path or None)
-        self.registrator = PPCRegistrator.from_ct(ct, cfg.target)
+        self.register_config, self.track_config = tracker_configs(cfg.tracker)
+        learned = load_ppcl(cfg.models_dir) if cfg.tracker.startswith("ppc_l") else None
+        if learned is not None:
+            missing = [lv for lv in self.register_config.learned_levels + self.track_config.learned_levels
+                       if all(abs(lv - x) > 1e-6 for x in learned.levels)]
+            if missing:
+                raise ModelLoadError(f"tracker {cfg.tracker!r} needs PPC-L networks for the levels {sorted(set(missing))}; "
+                                     f"{cfg.models_dir}/ppcl.pt has {list(learned.levels)} (train them with python -m reg2d3d_ros.train_ppcl --levels ...)")
+        flow = load_ppcflow(cfg.models_dir) if cfg.tracker == "ppc_flow_plus" else None
+        self.registrator = PPCRegistrator.from_ct(ct, cfg.target, learned=learned, flow=flow)
         self.scr = load_scr(cfg.models_dir, self.backend, self.device)
         with self._lock:
             self.state = INITIALISING
@@ -262,10 +284,10 @@ class RegistrationPipeline:
                     with self._lock:
                         self.state = INITIALISING
                     return FrameResult(None, INITIALISING, msg, seconds=time.perf_counter() - t0, image=image, intrinsics=intr)
-                result = self.registrator.register(image, intr, start)
+                result = self.registrator.register(image, intr, start, config=self.register_config)
                 mode = f"initialise ({source})"
             else:
-                result = self.registrator.track(image, intr, previous)
+                result = self.registrator.track(image, intr, previous, config=self.track_config)
                 mode = "track"
         except Reg2D3DError as exc:
             return FrameResult(None, state, str(exc), seconds=time.perf_counter() - t0)
@@ -317,6 +339,61 @@ class RegistrationPipeline:
         uv = torch.round(c.uv).long().numpy()
         rgb[uv[:, 1], uv[:, 0]] = (40, 230, 60)
         return rgb
+
+
+def tracker_configs(tracker: str):
+    """``(registration config, tracking config)`` of an update operator (see ``PipelineConfig.tracker``)."""
+    from dataclasses import replace
+
+    from .ppc import PPCL_CONFIG, PPCL_HYBRID_CONFIG, PPCL_PLUS_CONFIG, TRACKING_CONFIG, PPCConfig
+
+    if tracker == "ppc":
+        return PPCConfig(), TRACKING_CONFIG
+    if tracker == "ppc_l":
+        return PPCL_CONFIG, replace(TRACKING_CONFIG, learned_levels=(1.0,))
+    if tracker == "ppc_l_plus":
+        return PPCL_PLUS_CONFIG, TRACKING_CONFIG
+    if tracker == "ppc_l_hybrid":
+        return PPCL_HYBRID_CONFIG, TRACKING_CONFIG
+    if tracker == "ppc_flow_plus":
+        return PPCConfig(flow_levels=(0.25,)), TRACKING_CONFIG
+    raise ConfigError(f"tracker {tracker!r} is not available (available: {', '.join(TRACKERS)})")
+
+
+def load_ppcl(models_dir: str):
+    """The PPC-L weighting of a models folder (``ppcl.pt``).
+
+    Raises
+    ------
+    ModelLoadError
+        No such file (the learned trackers need it) or it cannot be used.
+    """
+    from pathlib import Path
+
+    from .errors import ModelLoadError
+    from .ppc.learned import LearnedWeighting
+
+    if not models_dir:
+        raise ModelLoadError("the PPC-L trackers (ppc_l, ppc_l_plus, ppc_l_hybrid) need ppcl.pt in models_dir, and models_dir is not set")
+    return LearnedWeighting.load(Path(models_dir) / "ppcl.pt")
+
+
+def load_ppcflow(models_dir: str):
+    """The PPC Flow (Attention) operator of a models folder (``ppcflow.pt``).
+
+    Raises
+    ------
+    ModelLoadError
+        No such file (the ``ppc_flow_plus`` tracker needs it) or it cannot be used.
+    """
+    from pathlib import Path
+
+    from .errors import ModelLoadError
+    from .ppc.flow import FlowOperator
+
+    if not models_dir:
+        raise ModelLoadError("the ppc_flow_plus tracker needs ppcflow.pt in models_dir, and models_dir is not set")
+    return FlowOperator.load(Path(models_dir) / "ppcflow.pt")
 
 
 def load_scr(models_dir: str, backend: str, device: str):

@@ -43,7 +43,7 @@ from tf2_msgs.msg import TFMessage  # noqa: E402
 from .errors import Reg2D3DError  # noqa: E402
 from .geometry.se3 import pose_m_to_transform, transform_to_pose_m  # noqa: E402
 from .ros.lifecycle import exit_status, init_ros, shutdown_ros  # noqa: E402
-from .pipeline import TRACKING, WAITING_FOR_CT, PipelineConfig, RegistrationPipeline  # noqa: E402
+from .pipeline import TRACKERS, TRACKING, WAITING_FOR_CT, PipelineConfig, RegistrationPipeline  # noqa: E402
 
 #: (name, default, description, unit, range (lo, hi) or choices, read_only)
 PARAMETERS = [
@@ -52,9 +52,12 @@ PARAMETERS = [
     ("label_table_path", "", "CSV naming the labels (columns structure,id); empty if target is an id", "", None, True),
     ("target", "T8", "structure to register: a label name (e.g. T8) or id", "", None, True),
     ("intensity", "attenuation", "pixel meaning: attenuation (bright = material) or transmission (bright = photons)", "", ("attenuation", "transmission"), True),
-    ("tracker", "ppc", "frame-to-frame tracker", "", ("ppc",), True),
+    ("tracker", "ppc", "update operator of registration and tracking: ppc (classic), ppc_l (learned correspondence weights), "
+     "ppc_l_plus (learned at coarse levels, classic at full resolution), ppc_l_hybrid (learned weights inside the classic update), "
+     "ppc_flow_plus (PPC Flow Attention at the coarsest level); "
+     "the learned ones need ppcl.pt / ppcflow.pt in models_dir", "", TRACKERS, True),
     ("models_dir", "", "model folder written by python -m reg2d3d_ros.prepare for this CT (scr.pt/scr.onnx: the SCR-PnP initialiser, "
-     "used when no initial pose is given); every model file in it is checked at start-up; '' for none", "", None, True),
+     "used when no initial pose is given; ppcl.pt / ppcflow.pt: the learned update operators); every model file in it is checked at start-up; '' for none", "", None, True),
     ("backend", "auto", "inference back-end of the learned components (auto: TensorRT > ONNX Runtime > PyTorch)", "", ("auto", "tensorrt", "onnxruntime", "pytorch"), True),
     ("device", "auto", "inference device (auto: cuda if available)", "", ("auto", "cpu", "cuda"), True),
     ("ct_frame", "ct", "TF child frame of the CT", "", None, True),

@@ -54,6 +54,16 @@ def test_cli_reports_user_errors_without_traceback(tmp_path):
     assert not (tmp_path / "bag").exists()  # nothing half-written
 
 
+def test_training_and_evaluation_commands_report_user_errors(tmp_path):
+    res = run_cli(["reg2d3d_ros.train_ppcl", "--vertebrae", "T5", "--out", str(tmp_path / "m")], tmp_path)
+    assert res.returncode == 2 and "at least two vertebrae" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli(["reg2d3d_ros.train_ppcflow", "--kinds", "magic", "--out", str(tmp_path / "m")], tmp_path)
+    assert res.returncode == 2 and "unknown kind 'magic'" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli(["reg2d3d_ros.eval.run_ppcl", "--model", str(tmp_path / "none.pt"), "--out", str(tmp_path / "r")], tmp_path)
+    assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "m").exists() and not (tmp_path / "r").exists()
+
+
 def test_demo_runs_end_to_end_through_the_node(tmp_path):
     out = tmp_path / "demo"
     # a short, slow replay (a frame every 0.33 s) so that most frames are answered

@@ -201,7 +201,8 @@ def test_replay_tool_feeds_the_node_and_recorder_writes_outputs(sim_bag, node_fa
                          env=n.env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert f"replayed {3 * N_FRAMES - N_FRAMES} messages" in res.stdout
-    n.g.wait_for(lambda: len(n.poses) >= 1 + N_FRAMES // 2, 20.0, "poses from the replayed frames")
+    # newest frame wins: a loaded machine drops frames, so ask for a quarter of them, with time to spare
+    n.g.wait_for(lambda: len(n.poses) >= 1 + max(2, N_FRAMES // 4), 40.0, "poses from the replayed frames")
     time.sleep(2.0)
     bag_stamps = {int(s) for s in sim_bag["seq"].stamps_ns}
     got = [p.header.stamp.sec * 10**9 + p.header.stamp.nanosec for _, p in n.poses]

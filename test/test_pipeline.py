@@ -49,6 +49,92 @@ def test_configuration_and_load_errors(tmp_path):
     assert res.T_optical_from_ct is None and res.state == WAITING_FOR_CT and "cannot read CT" in res.error
 
 
+def test_learned_trackers_need_their_model(tmp_path, setting):
+    from reg2d3d_ros.errors import ModelLoadError
+    from reg2d3d_ros.pipeline import TRACKERS, tracker_configs
+
+    assert TRACKERS == ("ppc", "ppc_l", "ppc_l_plus", "ppc_l_hybrid", "ppc_flow_plus")
+    reg_cfg, track_cfg = tracker_configs("ppc_flow_plus")
+    assert reg_cfg.flow_levels == (0.25,) and track_cfg.flow_levels == () and track_cfg.learned_levels == ()
+    reg_cfg, track_cfg = tracker_configs("ppc_l_plus")
+    assert reg_cfg.learned_levels == (0.25, 0.5) and track_cfg.learned_levels == ()  # classic at full resolution
+    reg_cfg, track_cfg = tracker_configs("ppc_l")
+    assert 1.0 in reg_cfg.learned_levels and track_cfg.learned_levels == (1.0,)
+    base = setting["cfg"]
+    from dataclasses import replace
+
+    with pytest.raises(ModelLoadError, match="models_dir is not set"):
+        RegistrationPipeline(replace(base, tracker="ppc_l")).load()
+    with pytest.raises(ModelLoadError, match="ppcl.pt does not exist"):
+        RegistrationPipeline(replace(base, tracker="ppc_l_plus", models_dir=str(tmp_path))).load()
+    with pytest.raises(ModelLoadError, match="ppcflow.pt does not exist"):
+        RegistrationPipeline(replace(base, tracker="ppc_flow_plus", models_dir=str(tmp_path))).load()
+    from pathlib import Path
+
+    models = Path(__file__).resolve().parents[1] / "models" / "ppcl"  # coarse levels only
+    with pytest.raises(ModelLoadError, match=r"needs PPC-L networks for the levels \[1.0\]"):
+        RegistrationPipeline(replace(base, tracker="ppc_l", models_dir=str(models))).load()
+    (tmp_path / "ppcl.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(ModelLoadError):
+        RegistrationPipeline(replace(base, tracker="ppc_l_plus", models_dir=str(tmp_path))).load()
+
+
+def test_ppcl_hybrid_tracker_registers_and_tracks_through_the_pipeline(setting):
+    """The committed PPC-L model runs inside the node's pipeline (registration + tracking) and keeps the truth."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    models = Path(__file__).resolve().parents[1] / "models" / "ppcl"
+    pipe = RegistrationPipeline(replace(setting["cfg"], tracker="ppc_l_hybrid", models_dir=str(models)))
+    pipe.load()
+    assert pipe.registrator.learned is not None and pipe.register_config.learned_as_prior
+    seq, pts, mrpd = setting["seq"], setting["pts"], setting["mrpd"]
+    ci = seq.intrinsics.to_camera_info()
+    pipe.set_camera_info(ci["k"], ci["width"], ci["height"])
+    pipe.set_initial_pose(torch.from_numpy(seq.poses_mm[0]))
+    res = pipe.process(*frame(seq, 0))
+    assert res.T_optical_from_ct is not None and res.details["mode"] == "initialise (initial_pose)", res.error
+    assert float(mrpd(res.T_optical_from_ct, torch.from_numpy(seq.poses_mm[0]), pts)) < 2.0
+    res = pipe.process(*frame(seq, 1))
+    assert res.details["mode"] == "track" and float(mrpd(res.T_optical_from_ct, torch.from_numpy(seq.poses_mm[1]), pts)) < 2.0
+
+
+def test_flow_tracker_runs_its_operator_in_the_pipeline(setting, tmp_path):
+    """Plumbing of ppc_flow_plus: the flow model is loaded and its operator runs at the coarsest level.
+
+    No accuracy is asserted: no flow model trained here is good enough (reports/ppcl/report.md).
+    """
+    from dataclasses import replace
+
+    from reg2d3d_ros.nets import CorrespondenceWeightNet
+    from reg2d3d_ros.nets.flownet import FlowNetC
+    from reg2d3d_ros.ppc.flow import N_FEATURES, FlowOperator
+
+    torch.manual_seed(0)
+    FlowOperator(FlowNetC(8, 2), CorrespondenceWeightNet(N_FEATURES),
+                 {"kind": "ppc_flow_attention", "width": 8, "max_displacement": 2, "local": [32, 64], "head": [64, 32]}).save(tmp_path / "ppcflow.pt")
+    pipe = RegistrationPipeline(replace(setting["cfg"], tracker="ppc_flow_plus", models_dir=str(tmp_path)))
+    pipe.load()
+    calls = []
+    flow = pipe.registrator.flow
+    original = flow.flow
+
+    def counting(*a):
+        calls.append(1)
+        return original(*a)
+
+    flow.flow = counting
+    seq = setting["seq"]
+    ci = seq.intrinsics.to_camera_info()
+    pipe.set_camera_info(ci["k"], ci["width"], ci["height"])
+    pipe.set_initial_pose(torch.from_numpy(seq.poses_mm[0]))
+    res = pipe.process(*frame(seq, 0))
+    assert res.details.get("mode") == "initialise (initial_pose)" and len(calls) >= 1
+    n = len(calls)
+    pipe.process(*frame(seq, 1))
+    assert len(calls) == n  # tracking is classic (the flow operator serves registration only)
+
+
 def frame_dummy():
     f = encode_image(np.arange(64, dtype=np.uint16).reshape(8, 8), "mono16")
     return f["encoding"], f["height"], f["width"], f["step"], f["data"]
@@ -128,10 +214,10 @@ class FakeRegistrator:
         self.calls.append(mode)
         return RegistrationResult(T, 1, self.fractions.pop(0), 0.5, 0.3, 500, 0.01)
 
-    def register(self, image, intr, T):
+    def register(self, image, intr, T, config=None):
         return self._result("register", T)
 
-    def track(self, image, intr, T):
+    def track(self, image, intr, T, config=None):
         return self._result("track", T)
 
 
@@ -199,9 +285,9 @@ def test_scr_initialises_without_an_initial_pose_and_after_a_loss():
     T_scr[2, 3] = 700.0
 
     class Recording(FakeRegistrator):
-        def register(self, image, intr, T):
+        def register(self, image, intr, T, config=None):
             self.starts = getattr(self, "starts", []) + [T.clone()]
-            return super().register(image, intr, T)
+            return super().register(image, intr, T, config)
 
     fake = Recording([0.7, 0.7, 0.2, 0.7, 0.7])
     scr = FakeSCR([(False, None), (True, T_scr), (True, T_scr), (False, None)])

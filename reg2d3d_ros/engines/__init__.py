@@ -125,6 +125,44 @@ def check_model_file(path) -> dict:
     return {"path": str(p), "kind": suffix.lstrip("."), "bytes": size}
 
 
+def read_model_blob(path, fmt: str, version: int, what: str, hint: str) -> dict:
+    """Read one of this project's ``.pt`` model files (``torch.load(weights_only=True)``) and check its header.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file.
+    fmt, version : str, int
+        Expected ``format`` and ``version`` entries.
+    what : str
+        Name of the model in messages (e.g. ``"SCR model"``).
+    hint : str
+        How to create the file (said when it is missing or unreadable).
+
+    Raises
+    ------
+    ModelLoadError
+        Missing, unreadable, foreign or other-version file.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{what} {path} does not exist ({hint})")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt files
+        raise ModelLoadError(f"{what} {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                             f"re-create it ({hint})") from None
+    if not isinstance(blob, dict) or blob.get("format") != fmt:
+        found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+        article = "an" if what[:1] in "AEFHILMNORSX" else "a"  # spoken initials: an SCR model, a PPC-L model
+        raise ModelLoadError(f"{path} is not {article} {what} of reg2d3d_ros (format {found})")
+    if blob.get("version") != version:
+        raise ModelLoadError(f"{what} {path} has version {blob.get('version')}, this software reads version {version}")
+    return blob
+
+
 def check_models_dir(models_dir) -> list:
     """Check every model file in a folder (see :func:`check_model_file`); returns their summaries.
 

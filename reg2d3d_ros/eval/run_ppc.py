@@ -37,8 +37,12 @@ from ..errors import run_cli
 #: A tracking frame is declared lost when the inlier fraction of its update falls below this.
 
 
-def evaluate_registration(ct, cases, configs: dict, progress: bool = True) -> dict:
-    """Run every configuration on every start of every case; returns per-method raw results."""
+def evaluate_registration(ct, cases, configs: dict, progress: bool = True, learned=None, flow=None) -> dict:
+    """Run every configuration on every start of every case; returns per-method raw results.
+
+    ``learned`` (a :class:`~reg2d3d_ros.ppc.learned.LearnedWeighting`) serves configurations with
+    ``learned_levels``, ``flow`` (a :class:`~reg2d3d_ros.ppc.flow.FlowOperator`) those with ``flow_levels``.
+    """
     from ..ppc import PPCRegistrator
     from .metrics import mrpd
 
@@ -46,7 +50,7 @@ def evaluate_registration(ct, cases, configs: dict, progress: bool = True) -> di
     out = {name: [] for name in configs}
     for ci, case in enumerate(cases):
         if case.vertebra not in regs:
-            regs[case.vertebra] = PPCRegistrator.from_ct(ct, case.vertebra)
+            regs[case.vertebra] = PPCRegistrator.from_ct(ct, case.vertebra, learned=learned, flow=flow)
         reg = regs[case.vertebra]
         for name, cfg in configs.items():
             for k in range(len(case.starts)):

@@ -1,10 +1,12 @@
-"""Networks (pure PyTorch, no torchvision): the SCR U-Net, the pose-regression baseline, complexity counts.
+"""Networks (pure PyTorch, no torchvision): the SCR U-Net, the pose-regression baseline, the
+PPC-L correspondence-weighting PointNet, complexity counts.
 
 Tensors are batch-first ``(B, C, H, W)`` float32 images; outputs follow the input's device and dtype.
 """
 
 from .complexity import count_macs, count_parameters
+from .pointnet import CorrespondenceWeightNet, modified_softsign
 from .posenet import PoseRegressionNet
 from .unet import UNet
 
-__all__ = ["PoseRegressionNet", "UNet", "count_macs", "count_parameters"]
+__all__ = ["CorrespondenceWeightNet", "modified_softsign", "PoseRegressionNet", "UNet", "count_macs", "count_parameters"]

@@ -1,9 +1,11 @@
 """Point-to-plane correspondence (PPC) registration: surface points, contours, NGC matching,
-the PPC solver (weighted least squares and MCCR) and iterative registration / tracking."""
+the PPC solver (weighted least squares and MCCR) and iterative registration / tracking; the
+learned update operators around the solver live in :mod:`.learned` (PPC-L correspondence
+weighting) and :mod:`.flow` (PPC Flow / PPC Flow Attention)."""
 
 from .contours import Contours, select_contours
 from .matching import gradient_image, ngc_search
-from .register import TRACKING_CONFIG, WANG_CONFIG, PPCConfig, PPCRegistrator, RegistrationResult
+from .register import PPCL_CONFIG, PPCL_HYBRID_CONFIG, PPCL_PLUS_CONFIG, TRACKING_CONFIG, WANG_CONFIG, Correspondences, PPCConfig, PPCRegistrator, RegistrationResult
 from .solver import NO_DEPTH, PPCSolution, motion_about, ppc_equations, solve_ppc, solve_weighted
 from .surface import SurfacePoints, canny_surface_points, structure_region
 
@@ -14,6 +16,10 @@ __all__ = [
     "ngc_search",
     "TRACKING_CONFIG",
     "WANG_CONFIG",
+    "PPCL_CONFIG",
+    "PPCL_PLUS_CONFIG",
+    "PPCL_HYBRID_CONFIG",
+    "Correspondences",
     "PPCConfig",
     "PPCRegistrator",
     "RegistrationResult",

@@ -82,6 +82,46 @@ def deviation_about(T: torch.Tensor, T_ref: torch.Tensor, center_opt: torch.Tens
     return torch.cat([rot, center_opt - before])
 
 
+@dataclass
+class Correspondences:
+    """Contour points of one update and their 2-D correspondences (input of a PPC solve).
+
+    Attributes
+    ----------
+    contours : Contours
+        ``N`` contour points at the current pose (optical frame, mm; pixels of the level).
+    uv_corr : torch.Tensor
+        ``(N, 2)`` correspondences ``p'``, pixels of the level.
+    score : torch.Tensor
+        ``(N,)`` NGC at the best shift.
+    shift_px : torch.Tensor
+        ``(N,)`` signed shift along the image normal, pixels of the level.
+    at_limit : torch.Tensor
+        ``(N,)`` bool, best shift at the end of the search range.
+    K : torch.Tensor
+        ``(3, 3)`` intrinsics of the level.
+    search_px : int
+        Search range of the level, pixels.
+    """
+
+    contours: Contours
+    uv_corr: torch.Tensor
+    score: torch.Tensor
+    shift_px: torch.Tensor
+    at_limit: torch.Tensor
+    K: torch.Tensor
+    search_px: int
+
+    def __len__(self) -> int:
+        return len(self.contours)
+
+
+def update_prior_precision(config: "PPCConfig", noise_mm: float, dtype=torch.float64) -> torch.Tensor:
+    """``(6,)`` diagonal of the zero-mean prior on one update (``noise^2 / prior^2`` per degree of freedom)."""
+    prior = torch.tensor([math.radians(config.prior_rot_deg)] * 3 + list(config.prior_trans_mm), dtype=dtype)
+    return noise_mm**2 / prior**2
+
+
 @dataclass(frozen=True)
 class PPCConfig:
     """Parameters of PPC registration (defaults: full registration from a rough start).
@@ -146,6 +186,17 @@ class PPCConfig:
         several mm of depth) and rotations about image-plane axes, so small appearance
         differences would otherwise drag them far; the in-plane degrees of freedom are left
         almost free. ``None`` entries (or an empty tuple) disable the anchor.
+    learned_levels : tuple of float
+        Nominal levels (entries of ``levels``) whose updates are weighted by the learned
+        correspondence weighting (PPC-L, :mod:`.learned`) instead of NGC + MCCR; at those levels
+        there is no in-plane / no-depth phase and no anchor (the network was trained without
+        them). Empty: classic PPC. ``PPCL_PLUS_CONFIG`` learns at the coarse levels only.
+    flow_levels : tuple of float
+        Nominal levels whose updates use the PPC Flow (Attention) operator (:mod:`.flow`): the
+        flow network's correspondences and (with attention) its weights, no NGC search.
+    learned_as_prior : bool
+        Use the learned weights as the prior weights of the classic update instead of replacing
+        it: MCCR, the anchor and the trust region stay on (a hybrid; see the PPC-L report).
     """
 
     levels: tuple = (0.25, 0.5, 1.0)
@@ -173,6 +224,9 @@ class PPCConfig:
     min_moving_grad: float = 0.0
     anchor_rot_deg: tuple = (3.0, 3.0, 30.0)
     anchor_trans_mm: tuple = (100.0, 100.0, 10.0)
+    learned_levels: tuple = ()
+    flow_levels: tuple = ()
+    learned_as_prior: bool = False
 
     def __post_init__(self):
         n = len(self.levels)
@@ -180,6 +234,8 @@ class PPCConfig:
             raise ConfigError("levels, max_iterations and search_px must have the same, non-zero length")
         if any(s <= 0 for s in self.levels):
             raise ConfigError("levels must be positive resolution factors")
+        if set(self.learned_levels) & set(self.flow_levels):
+            raise ConfigError("a level cannot use both the PPC-L weighting and the flow operator")
 
 
 def effective_levels(config: PPCConfig, intrinsics: CArmIntrinsics) -> list:
@@ -189,6 +245,11 @@ def effective_levels(config: PPCConfig, intrinsics: CArmIntrinsics) -> list:
     ratio (capped at 1); consecutive levels that coincide are merged, keeping the finer one's
     iterations and search range. Finer frames use the factors as they are.
     """
+    return [lv[:3] for lv in _levels(config, intrinsics)]
+
+
+def _levels(config: PPCConfig, intrinsics: CArmIntrinsics) -> list:
+    """:func:`effective_levels` with the nominal level each one stands for as a fourth entry."""
     pixel_mrad = 1000.0 / float(intrinsics.fx)
     scale = max(1.0, pixel_mrad / config.reference_pixel_mrad)
     out = []
@@ -196,9 +257,9 @@ def effective_levels(config: PPCConfig, intrinsics: CArmIntrinsics) -> list:
         f = min(1.0, s * scale)
         f = 1.0 if abs(f - 1.0) < 1e-6 else f
         if out and abs(out[-1][0] - f) < 1e-6:
-            out[-1] = (f, n, r)
+            out[-1] = (f, n, r, s)
         else:
-            out.append((f, n, r))
+            out.append((f, n, r, s))
     return out
 
 
@@ -213,6 +274,18 @@ TRACKING_CONFIG = PPCConfig(levels=(1.0,), max_iterations=(1,), in_plane_iterati
 #: The classic recipe of Wang et al. (TMI 2017) as described in the seed: NGC weights, MCCR,
 #: three levels, no depth motion first at the coarsest level, no anchor prior, no in-plane phase.
 WANG_CONFIG = PPCConfig(in_plane_iterations=0, no_depth_iterations=4, anchor_rot_deg=(), anchor_trans_mm=())
+
+#: PPC-L: the learned correspondence weighting at every level (needs a loaded model).
+PPCL_CONFIG = PPCConfig(learned_levels=(0.25, 0.5, 1.0))
+
+#: PPC-L+: learned weighting at the coarse levels, classic PPC (NGC + MCCR) at the finest, as in
+#: the seed (the classic solver is the more accurate one once the pose is close).
+PPCL_PLUS_CONFIG = PPCConfig(learned_levels=(0.25, 0.5))
+
+#: PPC-L+ hybrid: the learned weights at the coarse levels serve as prior weights of the classic
+#: update (MCCR, anchor and trust region kept); pure learned updates drift when iterated (see
+#: reports/ppcl/report.md).
+PPCL_HYBRID_CONFIG = PPCConfig(learned_levels=(0.25, 0.5), learned_as_prior=True)
 
 
 @dataclass
@@ -269,10 +342,18 @@ class PPCRegistrator:
         projection of the target changes by NCC < 1e-4, at half the cost).
     dtype : torch.dtype
         Geometry dtype (float64 recommended); the renderer uses float32.
+    learned : LearnedWeighting, optional
+        PPC-L weighting networks, used at the configuration's ``learned_levels``.
+    flow : FlowOperator, optional
+        PPC Flow (Attention) operator, used at the configuration's ``flow_levels``.
     """
 
     def __init__(self, roi, surface: SurfacePoints, config: PPCConfig = PPCConfig(), region: np.ndarray | None = None,
-                 floor_hu: float | None = None, drr_step_mm: float | None = None, dtype=torch.float64):
+                 floor_hu: float | None = None, drr_step_mm: float | None = None, dtype=torch.float64, learned=None, flow=None):
+        #: learned correspondence weighting (:class:`.learned.LearnedWeighting`), used at ``config.learned_levels``
+        self.learned = learned
+        #: learned flow update operator (:class:`.flow.FlowOperator`), used at ``config.flow_levels``
+        self.flow = flow
         if len(surface) < 50:
             raise ConfigError(f"only {len(surface)} surface points: the target has too few edges for PPC")
         self.roi = roi
@@ -324,12 +405,23 @@ class PPCRegistrator:
             drr = self.renderer.render(T[None], intr.K(self.dtype), intr.height, intr.width).line_integral[0]
         return gradient_image(drr, self.config.smooth_sigma_px)
 
-    def update(self, T: torch.Tensor, grad_fixed: torch.Tensor, intr: CArmIntrinsics, search_px: int, dof_mask=None,
-               config: PPCConfig | None = None, T_anchor: torch.Tensor | None = None):
-        """One PPC update at one level; returns ``(T_new, stats)``.
+    def correspond(self, T: torch.Tensor, grad_fixed: torch.Tensor, intr: CArmIntrinsics, search_px: int,
+                   config: PPCConfig | None = None) -> Correspondences:
+        """Contour points at pose ``T`` and their NGC correspondences in the frame (steps 1-3)."""
+        cfg = config or self.config
+        c, grad_moving = self.contours_at(T, intr, cfg)
+        K = intr.K(self.dtype)
+        if len(c) == 0:
+            z = c.uv.new_zeros(0)
+            return Correspondences(c, c.uv.clone(), z, z, z.bool(), K, search_px)
+        uv_corr, score, shift, at_limit = ngc_search(
+            grad_fixed.to(self.dtype), grad_moving.to(self.dtype), c.uv, c.normal_2d, search_px, cfg.patch_half,
+            cfg.patch_half_along, joint=cfg.joint_ngc,
+        )
+        return Correspondences(c, uv_corr, score, shift, at_limit, K, search_px)
 
-        ``T_anchor`` is the pose the anchor prior (``config.anchor_*``) pulls towards.
-        """
+    def contours_at(self, T: torch.Tensor, intr: CArmIntrinsics, config: PPCConfig | None = None):
+        """``(Contours, moving gradient (2, h, w))`` at pose ``T`` for a level's intrinsics (steps 1-2)."""
         cfg = config or self.config
         K = intr.K(self.dtype)
         grad_moving = self.moving_gradient(T, intr)
@@ -344,43 +436,65 @@ class PPCRegistrator:
             gm = torch.linalg.norm(_sample(grad_moving.to(self.dtype), c.uv), dim=0)
             keep = gm >= cfg.min_moving_grad * torch.quantile(gm, 0.95)
             c = Contours(c.index[keep], c.w_opt[keep], c.g_opt[keep], c.uv[keep], c.normal_2d[keep])
+        return c, grad_moving
+
+    def update(self, T: torch.Tensor, grad_fixed: torch.Tensor, intr: CArmIntrinsics, search_px: int, dof_mask=None,
+               config: PPCConfig | None = None, T_anchor: torch.Tensor | None = None, weighter=None, matcher=None):
+        """One PPC update at one level; returns ``(T_new, stats)``.
+
+        ``T_anchor`` is the pose the anchor prior (``config.anchor_*``) pulls towards. A
+        ``weighter`` (a callable ``Correspondences -> (N,) weights``, e.g. PPC-L's PointNet)
+        replaces the NGC weighting and MCCR, and neither the anchor nor the trust region
+        (``max_step_px``) is applied (as in training). A
+        ``matcher`` (a callable ``(Contours, grad_fixed, grad_moving, K, search_px) -> Correspondences``,
+        e.g. the PPC Flow network) replaces the NGC search.
+        """
+        cfg = config or self.config
+        if matcher is None:
+            corr = self.correspond(T, grad_fixed, intr, search_px, cfg)
+        else:
+            c0, grad_moving = self.contours_at(T, intr, cfg)
+            corr = matcher(c0, grad_fixed, grad_moving, intr.K(self.dtype), search_px)
+        c, uv_corr, score, at_limit, K = corr.contours, corr.uv_corr, corr.score, corr.at_limit, corr.K
         stats = {"points": len(c)}
         if len(c) < 12:
             stats.update(rot_deg=0.0, trans_mm=0.0, inliers=0, mean_ngc=0.0, residual_rms_mm=float("inf"))
             return T, stats
-        uv_corr, score, _, at_limit = ngc_search(
-            grad_fixed.to(self.dtype), grad_moving.to(self.dtype), c.uv, c.normal_2d, search_px, cfg.patch_half,
-            cfg.patch_half_along, joint=cfg.joint_ngc,
-        )
-        weights = torch.where((score >= cfg.ngc_min) & ~at_limit, score, torch.zeros_like(score))
+        ngc_ok = (score >= cfg.ngc_min) & ~at_limit
+        hybrid = weighter is not None and cfg.learned_as_prior
+        if weighter is not None:
+            weights = weighter(corr).to(self.dtype)
+            robust = cfg.robust if hybrid else "none"
+        else:
+            weights = torch.where(ngc_ok, score, torch.zeros_like(score))
+            robust = cfg.robust
         if int((weights > 0).sum()) < 12:
             stats.update(rot_deg=0.0, trans_mm=0.0, inliers=0, mean_ngc=float(score.mean()), residual_rms_mm=float("inf"))
             return T, stats
         mm_per_px = c.w_opt[:, 2] / K[0, 0]
         noise_mm = float(mm_per_px.mean())
-        prior = torch.tensor(
-            [math.radians(cfg.prior_rot_deg)] * 3 + list(cfg.prior_trans_mm), dtype=self.dtype
-        )
-        precision = noise_mm**2 / prior**2
+        precision = update_prior_precision(cfg, noise_mm, self.dtype)
         anchor_p = anchor_d = None
-        if T_anchor is not None and cfg.anchor_rot_deg and cfg.anchor_trans_mm:
+        if (weighter is None or hybrid) and T_anchor is not None and cfg.anchor_rot_deg and cfg.anchor_trans_mm:
             sig = torch.tensor([math.radians(a) for a in cfg.anchor_rot_deg] + list(cfg.anchor_trans_mm), dtype=self.dtype)
             anchor_p = noise_mm**2 / sig**2
             anchor_d = deviation_about(T, T_anchor, weighted_centroid(c.w_opt[None], weights[None])[0])
         sol = solve_ppc(
             c.w_opt[None], c.g_opt[None], uv_corr[None], K, weights[None], lam=cfg.lam, dof_mask=dof_mask,
-            robust=cfg.robust, prior_precision=precision, anchor_precision=anchor_p, anchor_offset=anchor_d,
+            robust=robust, prior_precision=precision, anchor_precision=anchor_p, anchor_offset=anchor_d,
         )
         dv = sol.dv[0]
         # trust region: largest displacement of a contour point under the update
         disp = torch.linalg.norm(torch.linalg.cross(dv[:3].expand_as(c.w_opt), c.w_opt - sol.center[0], dim=-1) + dv[3:], dim=-1)
         limit = cfg.max_step_px * search_px * noise_mm
-        step_scale = min(1.0, limit / max(float(disp.max()), 1e-12))
+        # learned updates were trained without a trust region (their step is part of what they learned)
+        step_scale = 1.0 if (weighter is not None and not hybrid) else min(1.0, limit / max(float(disp.max()), 1e-12))
         if step_scale < 1.0:
             dv = dv * step_scale
         T_new = motion_about(dv[None], sol.center)[0] @ T
         res = sol.residual_mm[0]
-        inl = (weights > 0) & (res.abs() < cfg.inlier_px * mm_per_px)
+        # the confidence is the same for every weighting: NGC-accepted points that fit the motion
+        inl = ngc_ok & (res.abs() < cfg.inlier_px * mm_per_px)
         wsum = float(sol.weights[0].sum())
         stats.update(
             step_scale=step_scale,
@@ -389,6 +503,7 @@ class PPCRegistrator:
             inliers=int(inl.sum()),
             mean_ngc=float(score[inl].mean()) if bool(inl.any()) else 0.0,
             residual_rms_mm=float(torch.sqrt((sol.weights[0] * res**2).sum() / max(wsum, 1e-12))),
+            learned=weighter is not None,
         )
         return T_new, stats
 
@@ -413,18 +528,30 @@ class PPCRegistrator:
             raise ConfigError(f"frame is {w}x{h} but the intrinsics are {intrinsics.width}x{intrinsics.height}")
         T = torch.as_tensor(T_init, dtype=self.dtype).clone()
         T_start = T.clone()
-        levels = effective_levels(cfg, intrinsics)
-        fixed = self.fixed_gradients(image_att, [s for s, _, _ in levels])
+        levels = _levels(cfg, intrinsics)
+        if cfg.learned_levels and self.learned is None:
+            raise ConfigError("this configuration uses learned correspondence weighting (PPC-L) but no PPC-L model is loaded")
+        if cfg.flow_levels and self.flow is None:
+            raise ConfigError("this configuration uses the PPC Flow operator but no flow model is loaded")
+        fixed = self.fixed_gradients(image_att, [lv[0] for lv in levels])
         history, iterations, last = [], 0, {}
-        for li, (s, n_iter, search) in enumerate(levels):
+        for li, (s, n_iter, search, nominal) in enumerate(levels):
             intr = intrinsics.scaled(s)
+            learned = any(abs(nominal - x) < 1e-6 for x in cfg.learned_levels)
+            weighter = self.learned.weighter(nominal) if learned else None
+            matcher = None
+            if any(abs(nominal - x) < 1e-6 for x in cfg.flow_levels):
+                learned = True
+                matcher, weighter = self.flow.matcher(), self.flow.weighter()
             for it in range(n_iter):
                 mask = None
-                if li == 0 and it < cfg.in_plane_iterations:
+                if learned:
+                    pass
+                elif li == 0 and it < cfg.in_plane_iterations:
                     mask = IN_PLANE
                 elif li == 0 and it < cfg.in_plane_iterations + cfg.no_depth_iterations:
                     mask = NO_DEPTH
-                T, stats = self.update(T, fixed[s], intr, search, dof_mask=mask, config=cfg, T_anchor=T_start)
+                T, stats = self.update(T, fixed[s], intr, search, dof_mask=mask, config=cfg, T_anchor=T_start, weighter=weighter, matcher=matcher)
                 iterations += 1
                 stats.update(level=s, iteration=it, depth_frozen=mask is not None)
                 history.append(stats)

@@ -124,18 +124,9 @@ class SCRInitializer:
         """Load a model file; raises :class:`ModelLoadError` with the reason if it is unusable."""
         from ..nets import UNet
 
-        path = Path(path)
-        if not path.is_file():
-            raise ModelLoadError(f"SCR model {path} does not exist (create it with python -m reg2d3d_ros.prepare)")
-        try:
-            blob = torch.load(path, map_location=device, weights_only=True)
-        except Exception as exc:  # torch raises many types for corrupt files
-            raise ModelLoadError(f"SCR model {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                                 "re-create it with python -m reg2d3d_ros.prepare") from None
-        if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-            raise ModelLoadError(f"{path} is not an SCR model of reg2d3d_ros (format {blob.get('format') if isinstance(blob, dict) else type(blob).__name__})")
-        if blob.get("version") != VERSION:
-            raise ModelLoadError(f"SCR model {path} has version {blob.get('version')}, this software reads version {VERSION}")
+        from ..engines import read_model_blob
+
+        blob = read_model_blob(path, FORMAT, VERSION, "SCR model", "create it with python -m reg2d3d_ros.prepare")
         try:
             meta = json.loads(blob["meta_json"])
             net = UNet(1, 8, widths=meta["widths"], stride=meta["stride"])
