@@ -76,9 +76,11 @@ def test_learning_through_the_solver_finds_the_outliers():
     val = [_synthetic_sample(rng) for _ in range(16)]
     cfg = PPCConfig(prior_rot_deg=10.0, prior_trans_mm=(50.0, 50.0, 50.0))
     net0 = CorrespondenceWeightNet(N_FEATURES)
-    before, _ = update_and_error(net0.eval(), val, cfg, 256, np.random.default_rng(1))
+    with torch.no_grad():
+        before, _ = update_and_error(net0.eval(), val, cfg, 256, np.random.default_rng(1))
     net, hist = train_level(train, val, cfg, PPCLTrainConfig(epochs=25, batch=8, n_points=256, lr=3e-3), progress=False)
-    after, start = update_and_error(net, val, cfg, 256, np.random.default_rng(1))
+    with torch.no_grad():
+        after, start = update_and_error(net, val, cfg, 256, np.random.default_rng(1))
     assert float(after.mean()) < 0.3 * float(before.mean()), (float(before.mean()), float(after.mean()))
     assert float(after.mean()) < 0.2 * float(start.mean())
     # the learned weights separate the outliers by their feature
