@@ -25,7 +25,6 @@ dicts; ``attention`` empty without attention), loaded with ``torch.load(weights_
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -258,7 +257,7 @@ def train_flow(train: list, val: list, tcfg: FlowTrainConfig, checkpoint: Path |
     """Train a flow operator on precomputed samples; returns ``(FlowOperator, history)`` (best validation epoch)."""
     from ..nets import CorrespondenceWeightNet
     from ..nets.flownet import FlowNetC
-    from .learned import _bar
+    from .learned import _bar, matching_checkpoint, set_cosine_lr
 
     if tcfg.kind not in KINDS:
         raise ConfigError(f"kind must be one of {', '.join(KINDS)}, got {tcfg.kind!r}")
@@ -271,24 +270,18 @@ def train_flow(train: list, val: list, tcfg: FlowTrainConfig, checkpoint: Path |
     opt = torch.optim.Adam(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     meta = {"config": json.loads(json.dumps(asdict(tcfg))), "n_train": len(train), "n_val": len(val)}
     history, start, best = [], 0, None
-    if checkpoint is not None and Path(checkpoint).exists():
-        ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        a, b = json.loads(ck["meta_json"]), json.loads(json.dumps(meta))
-        a["config"].pop("epochs", None)
-        b["config"].pop("epochs", None)
-        if a == b:
-            flow_net.load_state_dict(ck["flow"])
-            if att is not None:
-                att.load_state_dict(ck["attention"])
-            opt.load_state_dict(ck["optimizer"])
-            history, best = json.loads(ck["history_json"]), ck["best"]
-            start = len(history)
+    ck = matching_checkpoint(checkpoint, meta)
+    if ck is not None:
+        flow_net.load_state_dict(ck["flow"])
+        if att is not None:
+            att.load_state_dict(ck["attention"])
+        opt.load_state_dict(ck["optimizer"])
+        history, best = json.loads(ck["history_json"]), ck["best"]
+        start = len(history)
     rng = np.random.default_rng(tcfg.seed + start)
     t0 = time.time()
     for epoch in range(start, tcfg.epochs):
-        lr = tcfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * epoch / max(1, tcfg.epochs))))
-        for g in opt.param_groups:
-            g["lr"] = lr
+        set_cosine_lr(opt, tcfg.lr, epoch, tcfg.epochs)
         flow_net.train()
         if att is not None:
             att.train()

@@ -229,6 +229,25 @@ def _bar(what: str, done: int, total: int, elapsed: float, extra: str = "") -> N
     print(f"\r{what} [{'#' * n}{'.' * (30 - n)}] {done}/{total} {elapsed:.0f} s, {eta:.0f} s left {extra}", end="", file=sys.stderr, flush=True)
 
 
+def matching_checkpoint(checkpoint, meta: dict):
+    """The checkpoint at ``checkpoint`` if it exists and was written for ``meta`` (the epoch count
+    aside: more epochs continue a finished training), else None."""
+    if checkpoint is None or not Path(checkpoint).exists():
+        return None
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    a, b = json.loads(ck["meta_json"]), json.loads(json.dumps(meta))
+    a["config"].pop("epochs", None)
+    b["config"].pop("epochs", None)
+    return ck if a == b else None
+
+
+def set_cosine_lr(opt, base_lr: float, epoch: int, epochs: int) -> None:
+    """Cosine decay from ``base_lr`` to a tenth of it over the epochs."""
+    lr = base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * epoch / max(1, epochs))))
+    for grp in opt.param_groups:
+        grp["lr"] = lr
+
+
 def train_level(train: list, val: list, config: PPCConfig, tcfg: PPCLTrainConfig, checkpoint: Path | None = None, progress: bool = True):
     """Train one level's network on precomputed samples; returns ``(net, history)``.
 
@@ -244,24 +263,17 @@ def train_level(train: list, val: list, config: PPCConfig, tcfg: PPCLTrainConfig
     opt = torch.optim.Adam(net.parameters(), lr=tcfg.lr)
     meta = {"config": json.loads(json.dumps(asdict(tcfg))), "n_train": len(train), "n_val": len(val)}
     history, start, best = [], 0, None
-    if checkpoint is not None and Path(checkpoint).exists():
-        ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        m = json.loads(ck["meta_json"])
-        m["config"].pop("epochs", None)
-        mm = json.loads(json.dumps(meta))
-        mm["config"].pop("epochs", None)
-        if m == mm:
-            net.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            history = json.loads(ck["history_json"])
-            best = ck["best"]
-            start = len(history)
+    ck = matching_checkpoint(checkpoint, meta)
+    if ck is not None:
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        history = json.loads(ck["history_json"])
+        best = ck["best"]
+        start = len(history)
     rng = np.random.default_rng(tcfg.seed + start)
     t0 = time.time()
     for epoch in range(start, tcfg.epochs):
-        lr = tcfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * epoch / max(1, tcfg.epochs))))
-        for grp in opt.param_groups:
-            grp["lr"] = lr
+        set_cosine_lr(opt, tcfg.lr, epoch, tcfg.epochs)
         net.train()
         order = rng.permutation(len(train))
         losses = []
