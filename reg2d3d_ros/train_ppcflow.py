@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from .errors import ConfigError, run_cli
-from .train_ppcl import QUALITY, build_parser as _ppcl_parser
+from .train_ppcl import build_parser as _ppcl_parser, training_setup
 
 
 def build_parser():
@@ -49,27 +49,14 @@ def collect(ct, vertebrae, frames_per_view: int, n_starts: int, max_mtre: float,
 
 
 def _run(args) -> int:
-    from .example import load_example
     from .ppc.flow import KINDS, FlowTrainConfig, train_flow
-    from .volume import load_ct
 
-    frames, starts, epochs = QUALITY[args.quality]
-    frames = args.frames_per_view or frames
-    starts = args.starts or starts
-    epochs = args.epochs or (epochs // 2 if args.quality != "tiny" else epochs)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     for k in kinds + [args.deploy]:
         if k not in KINDS:
             raise ConfigError(f"unknown kind {k!r} (choose from {', '.join(KINDS)})")
-    vertebrae = [v.strip() for v in args.vertebrae.split(",") if v.strip()]
-    if len(vertebrae) < 2:
-        raise ConfigError("--vertebrae needs at least two vertebrae (the last one validates)")
-    if args.ct is not None:
-        if args.labels is None:
-            raise ConfigError("--ct needs --labels (and --label-table)")
-        ct = load_ct(args.ct, labels_path=args.labels, label_table=args.label_table)
-    else:
-        ct = load_example()
+    # the flow operators train half as many epochs as PPC-L at the same quality (each costs far more)
+    ct, vertebrae, frames, starts, epochs = training_setup(args, epochs_scale=0.5 if args.quality != "tiny" else 1.0)
     t0 = time.time()
     data = collect(ct, vertebrae, frames, starts, args.max_mtre, args.size, args.seed, args.cache)
     t_data = time.time() - t0

@@ -116,18 +116,19 @@ def collect(ct, vertebrae, frames_per_view: int, n_starts: int, max_mtre: float,
     return out
 
 
-def _run(args) -> int:
-    import torch
+def training_setup(args, epochs_scale: float = 1.0):
+    """``(ct, vertebrae, frames per view, starts, epochs)`` of a training command's arguments.
 
+    Raises :class:`ConfigError` for fewer than two vertebrae (the last one validates) or a CT
+    without labels; warns when a test vertebra of the evaluation is trained on.
+    """
     from .example import load_example
-    from .ppc import PPCL_CONFIG
-    from .ppc.learned import LearnedWeighting, PPCLTrainConfig, train_level
     from .volume import load_ct
 
     frames, starts, epochs = QUALITY[args.quality]
     frames = args.frames_per_view or frames
     starts = args.starts or starts
-    epochs = args.epochs or epochs
+    epochs = args.epochs or max(1, int(epochs * epochs_scale))
     vertebrae = [v.strip() for v in args.vertebrae.split(",") if v.strip()]
     if len(vertebrae) < 2:
         raise ConfigError("--vertebrae needs at least two vertebrae (the last one validates)")
@@ -140,7 +141,14 @@ def _run(args) -> int:
         ct = load_ct(args.ct, labels_path=args.labels, label_table=args.label_table)
     else:
         ct = load_example()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return ct, vertebrae, frames, starts, epochs
+
+
+def _run(args) -> int:
+    from .ppc import PPCL_CONFIG
+    from .ppc.learned import LearnedWeighting, PPCLTrainConfig, train_level
+
+    ct, vertebrae, frames, starts, epochs = training_setup(args)
     t0 = time.time()
     data = collect(ct, vertebrae, frames, starts, args.max_mtre, args.size, args.seed, args.cache)
     t_data = time.time() - t0

@@ -180,12 +180,37 @@ def _fmt_row(name: str, s: dict) -> str:
             f"{s['gsr_percent']:.1f} | {s['gcr_mm']:.0f} | {s['iterations_mean']:.1f} | {s['seconds_mean']:.2f} |")
 
 
-def write_report(out: Path, meta: dict, reg_results: dict, tracking: list, optima: list | None = None) -> None:
-    """Markdown + JSON report."""
+def registration_tables(reg_results: dict, views, max_mtre_mm: float):
+    """Markdown rows of the registration table (seed Table 1 layout) and of SR per view and 5-mm bin.
+
+    Returns ``(lines, summaries)``; ``lines`` starts with the table's first data row (the caller
+    writes the header) and ``summaries`` holds :func:`.metrics.summarize` per method.
+    """
     from .metrics import summarize
 
+    lines, summaries = [], {}
+    for name, rows in reg_results.items():
+        s = summarize([r["initial_mtre_mm"] for r in rows], [r["final_mrpd_mm"] for r in rows],
+                      [r["iterations"] for r in rows], [r["seconds"] for r in rows], max_mm=max_mtre_mm)
+        summaries[name] = s
+        lines.append(_fmt_row(name, s))
+    lines += ["", "Per view and 5-mm bin of initial mTRE (SR %):", ""]
+    bins = list(range(0, int(max_mtre_mm), 5))
+    lines += ["| method | view | " + " | ".join(f"{b}-{b + 5}" for b in bins) + " |", "|---|---|" + "---|" * len(bins)]
+    for name, rows in reg_results.items():
+        for view in views:
+            rv = [r for r in rows if r["view"] == view]
+            cells = []
+            for b in bins:
+                sel = [r["final_mrpd_mm"] < 2 for r in rv if b <= r["initial_mtre_mm"] < b + 5]
+                cells.append(f"{100 * np.mean(sel):.0f}" if sel else "-")
+            lines.append(f"| {name} | {view} | " + " | ".join(cells) + " |")
+    return lines, summaries
+
+
+def write_report(out: Path, meta: dict, reg_results: dict, tracking: list, optima: list | None = None) -> None:
+    """Markdown + JSON report."""
     out.mkdir(parents=True, exist_ok=True)
-    summaries = {}
     lines = [
         "# PPC registration and tracking on simulated cases",
         "",
@@ -206,24 +231,8 @@ def write_report(out: Path, meta: dict, reg_results: dict, tracking: list, optim
         "| method | mRPD [mm] | SR [%] | CR [mm] | GSR [%] | GCR [mm] | iterations | time [s] |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, rows in reg_results.items():
-        s = summarize(
-            [r["initial_mtre_mm"] for r in rows], [r["final_mrpd_mm"] for r in rows],
-            [r["iterations"] for r in rows], [r["seconds"] for r in rows], max_mm=meta["max_mtre_mm"],
-        )
-        summaries[name] = s
-        lines.append(_fmt_row(name, s))
-    lines += ["", "Per view and 5-mm bin of initial mTRE (SR %):", ""]
-    bins = list(range(0, int(meta["max_mtre_mm"]), 5))
-    lines += ["| method | view | " + " | ".join(f"{b}-{b + 5}" for b in bins) + " |", "|---|---|" + "---|" * len(bins)]
-    for name, rows in reg_results.items():
-        for view in meta["views"]:
-            rv = [r for r in rows if r["view"] == view]
-            cells = []
-            for b in bins:
-                sel = [r["final_mrpd_mm"] < 2 for r in rv if b <= r["initial_mtre_mm"] < b + 5]
-                cells.append(f"{100 * np.mean(sel):.0f}" if sel else "-")
-            lines.append(f"| {name} | {view} | " + " | ".join(cells) + " |")
+    table, summaries = registration_tables(reg_results, meta["views"], meta["max_mtre_mm"])
+    lines += table
     lines += ["", "The seed (PPC-L paper, clinical C-arm data, 0.62 mm pixels): PPC mRPD 0.75 ± 0.21 mm, SR 79.3 %, CR 3 mm, "
               "GSR 81.8 %, GCR 3 mm.", ""]
     if optima:

@@ -93,8 +93,7 @@ def _stats(x) -> str:
 
 def write_report(out: Path, meta: dict, one: dict, reg: dict, training: dict | None) -> None:
     """Markdown + JSON."""
-    from .metrics import summarize
-    from .run_ppc import _fmt_row
+    from .run_ppc import registration_tables
 
     out.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -154,20 +153,8 @@ def write_report(out: Path, meta: dict, one: dict, reg: dict, training: dict | N
         "| method | mRPD [mm] | SR [%] | CR [mm] | GSR [%] | GCR [mm] | iterations | time [s] |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    summaries = {}
-    for name, rows in reg.items():
-        s = summarize([r["initial_mtre_mm"] for r in rows], [r["final_mrpd_mm"] for r in rows], [r["iterations"] for r in rows],
-                      [r["seconds"] for r in rows], max_mm=meta["max_mtre_mm"])
-        summaries[name] = s
-        lines.append(_fmt_row(name, s))
-    bins = list(range(0, int(meta["max_mtre_mm"]), 5))
-    lines += ["", "SR [%] per view and 5-mm bin of initial mTRE:", "",
-              "| method | view | " + " | ".join(f"{b}-{b + 5}" for b in bins) + " |", "|---|---|" + "---|" * len(bins)]
-    for name, rows in reg.items():
-        for view in meta["views"]:
-            rv = [r for r in rows if r["view"] == view]
-            cells = [f"{100 * np.mean(sel):.0f}" if (sel := [r['final_mrpd_mm'] < 2 for r in rv if b <= r['initial_mtre_mm'] < b + 5]) else "-" for b in bins]
-            lines.append(f"| {name} | {view} | " + " | ".join(cells) + " |")
+    table, summaries = registration_tables(reg, meta["views"], meta["max_mtre_mm"])
+    lines += table
     lines += ["", "Per test case, SR [%]:", "", "| case | " + " | ".join(reg) + " |", "|---|" + "---|" * len(reg)]
     first = next(iter(reg.values()))
     for key in dict.fromkeys((r["vertebra"], r["view"]) for r in first):
