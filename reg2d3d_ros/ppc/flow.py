@@ -98,10 +98,8 @@ class FlowOperator:
                 z = c.uv.new_zeros(0)
                 return Correspondences(c, c.uv.clone(), z, z, z.bool(), K, search_px)
             dp = sample_flow(self.flow(grad_fixed, grad_moving), c.uv[None].float())[0].to(c.uv.dtype)
-            corr = Correspondences(c, c.uv + dp, torch.ones(n, dtype=c.uv.dtype), (dp * c.normal_2d).sum(-1),
+            return Correspondences(c, c.uv + dp, torch.ones(n, dtype=c.uv.dtype), (dp * c.normal_2d).sum(-1),
                                    torch.zeros(n, dtype=torch.bool), K, search_px)
-            corr.dp = dp
-            return corr
 
         return match
 
@@ -112,7 +110,7 @@ class FlowOperator:
             c = corr.contours
             if self.attention_net is None:
                 return torch.ones(len(c), dtype=corr.uv_corr.dtype)
-            dp = getattr(corr, "dp", corr.uv_corr - c.uv)
+            dp = corr.uv_corr - c.uv
             f = attention_features(c.uv[None], c.normal_2d[None], c.w_opt[None], c.g_opt[None], dp[None], float(corr.K[0, 0]), corr.search_px)
             with torch.no_grad():
                 return self.attention_net(f)[0].to(corr.uv_corr.dtype)
