@@ -233,6 +233,30 @@ def test_tracking_follows_smooth_motion(tuning_lateral_case):
     assert project_points is not None and CArmIntrinsics is not None
 
 
+def test_band_render_is_exact_where_ngc_samples_it(tuning_lateral_case):
+    """The tracking update renders only a band around the contour points: the NGC templates it
+    samples must equal those of the whole-frame render, with a fraction of the rays."""
+    from reg2d3d_ros.ppc.matching import _sample
+    from reg2d3d_ros.ppc.register import band_mask
+
+    ct, case, reg = tuning_lateral_case
+    intr, T = case.intrinsics, case.T_gt
+    c, _ = reg.contours_at(T, intr, whole_image=False)
+    full = reg.moving_gradient(T, intr).double()
+    band = reg.moving_gradient(T, intr, around_uv=c.uv).double()
+    cfg = reg.config
+    a = torch.arange(-cfg.patch_half, cfg.patch_half + 1, dtype=torch.float64)
+    b = torch.arange(-cfg.patch_half_along, cfg.patch_half_along + 1, dtype=torch.float64)
+    A, B = torch.meshgrid(a, b, indexing="ij")
+    tang = torch.stack([-c.normal_2d[:, 1], c.normal_2d[:, 0]], -1)
+    at = c.uv[:, None] + A.reshape(1, -1, 1) * c.normal_2d[:, None] + B.reshape(1, -1, 1) * tang[:, None]
+    t_full, t_band = _sample(full, at), _sample(band, at)
+    assert float((t_full - t_band).abs().max()) <= 1e-4 * float(t_full.abs().max())
+    mask = band_mask(c.uv, intr.height, intr.width, reg.band_radius_px())
+    assert float(mask.float().mean()) < 0.8  # it is a band, not the frame
+    assert float((full - band).abs().max()) > 1e-3 * float(full.abs().max())  # and outside it the image is not rendered
+
+
 def test_levels_mean_the_same_physical_pixel_size():
     from reg2d3d_ros.geometry import CArmIntrinsics
     from reg2d3d_ros.ppc import PPCConfig

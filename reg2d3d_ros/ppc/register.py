@@ -65,6 +65,35 @@ def target_attenuation(roi, region: np.ndarray | None = None, floor_hu: float = 
     return mu.astype(np.float32)
 
 
+def band_mask(uv: torch.Tensor, height: int, width: int, radius_px: int) -> torch.Tensor:
+    """Pixels within ``radius_px`` (Chebyshev distance) of any of the points ``uv``.
+
+    Parameters
+    ----------
+    uv : torch.Tensor
+        ``(N, 2)`` pixel positions ``(u, v)``, any float dtype.
+    height, width : int
+        Image size.
+    radius_px : int
+        Half-width of the square neighbourhood, pixels.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(height, width)`` bool.
+    """
+    seed = torch.zeros(height, width, dtype=torch.float32, device=uv.device)
+    ij = torch.round(uv.detach()).long()
+    ij[:, 0].clamp_(0, width - 1)
+    ij[:, 1].clamp_(0, height - 1)
+    seed[ij[:, 1], ij[:, 0]] = 1.0
+    r = int(radius_px)
+    for dim in (0, 1):  # separable box sum by cumulative sums: O(H W) for any radius
+        c = torch.cumsum(torch.nn.functional.pad(seed.movedim(dim, -1), (r + 1, r)), dim=-1)
+        seed = (c[..., 2 * r + 1 :] - c[..., : -2 * r - 1]).movedim(-1, dim)
+    return seed > 0.5
+
+
 def deviation_about(T: torch.Tensor, T_ref: torch.Tensor, center_opt: torch.Tensor) -> torch.Tensor:
     """Deviation ``(6,)`` of pose ``T`` from ``T_ref`` in the parametrisation of a PPC update.
 
@@ -399,17 +428,45 @@ class PPCRegistrator:
             out[s] = gradient_image(small.to(torch.float32), self.config.smooth_sigma_px)
         return out
 
-    def moving_gradient(self, T: torch.Tensor, intr: CArmIntrinsics) -> torch.Tensor:
-        """Smoothed gradient ``(2, h, w)`` of the region's DRR at pose ``T`` for ``intr``."""
+    def moving_gradient(self, T: torch.Tensor, intr: CArmIntrinsics, around_uv: torch.Tensor | None = None) -> torch.Tensor:
+        """Smoothed gradient ``(2, h, w)`` of the region's DRR at pose ``T`` for ``intr``.
+
+        With ``around_uv`` (``(N, 2)`` pixel positions, e.g. the projected contour points) only
+        the rays in a band around those points are cast (:meth:`band_radius_px`): the gradient
+        is then exact wherever the NGC templates sample it (within the band minus the filter
+        support) and meaningless elsewhere. This is what the tracking update needs, at a
+        fraction of the rays of the whole frame.
+        """
+        K = intr.K(self.dtype)
         with torch.no_grad():
-            drr = self.renderer.render(T[None], intr.K(self.dtype), intr.height, intr.width).line_integral[0]
+            if around_uv is None or len(around_uv) == 0:
+                drr = self.renderer.render(T[None], K, intr.height, intr.width).line_integral[0]
+            else:
+                mask = band_mask(around_uv, intr.height, intr.width, self.band_radius_px())
+                pix = mask.reshape(-1).nonzero()[:, 0]
+                uv = torch.stack([pix % intr.width, pix // intr.width], dim=-1).to(self.dtype)
+                d = torch.cat([uv, torch.ones_like(uv[:, :1])], dim=-1) @ torch.linalg.inv(K).T
+                d = d / torch.linalg.norm(d, dim=-1, keepdim=True)
+                # float32 geometry: ray positions to ~1e-4 mm, and half the arithmetic of float64
+                li = self.renderer.render_rays(T[None].float(), d[None].float()).line_integral[0]
+                drr = li.new_zeros(intr.height * intr.width).index_put((pix,), li).reshape(intr.height, intr.width)
         return gradient_image(drr, self.config.smooth_sigma_px)
+
+    def band_radius_px(self) -> int:
+        """Half-width of the rendered band around contour points (see :meth:`moving_gradient`), pixels.
+
+        The farthest NGC template sample (``hypot(patch_half, patch_half_along)``), its bilinear
+        neighbour, the Sobel support and the Gaussian smoothing support (``3 sigma``).
+        """
+        cfg = self.config
+        smooth = max(1, int(round(3 * cfg.smooth_sigma_px))) if cfg.smooth_sigma_px > 0 else 0
+        return int(math.ceil(math.hypot(cfg.patch_half, cfg.patch_half_along))) + 1 + 1 + smooth + 1
 
     def correspond(self, T: torch.Tensor, grad_fixed: torch.Tensor, intr: CArmIntrinsics, search_px: int,
                    config: PPCConfig | None = None) -> Correspondences:
         """Contour points at pose ``T`` and their NGC correspondences in the frame (steps 1-3)."""
         cfg = config or self.config
-        c, grad_moving = self.contours_at(T, intr, cfg)
+        c, grad_moving = self.contours_at(T, intr, cfg, whole_image=False)
         K = intr.K(self.dtype)
         if len(c) == 0:
             z = c.uv.new_zeros(0)
@@ -420,16 +477,21 @@ class PPCRegistrator:
         )
         return Correspondences(c, uv_corr, score, shift, at_limit, K, search_px)
 
-    def contours_at(self, T: torch.Tensor, intr: CArmIntrinsics, config: PPCConfig | None = None):
-        """``(Contours, moving gradient (2, h, w))`` at pose ``T`` for a level's intrinsics (steps 1-2)."""
+    def contours_at(self, T: torch.Tensor, intr: CArmIntrinsics, config: PPCConfig | None = None, whole_image: bool = True):
+        """``(Contours, moving gradient (2, h, w))`` at pose ``T`` for a level's intrinsics (steps 1-2).
+
+        ``whole_image=False`` renders the moving image only in a band around the contour points
+        (enough for NGC matching, see :meth:`moving_gradient`); a matcher that looks at the whole
+        image (the flow network) needs ``True``.
+        """
         cfg = config or self.config
         K = intr.K(self.dtype)
-        grad_moving = self.moving_gradient(T, intr)
         c = select_contours(
             self.pts, self.normals, T, K, intr.height, intr.width,
             max_cos=cfg.max_cos, cell_px=cfg.cell_px, margin_px=cfg.patch_half + 1,
             max_points=cfg.max_points, generator=self._generator,
         )
+        grad_moving = self.moving_gradient(T, intr, None if whole_image else c.uv)
         if cfg.min_moving_grad > 0 and len(c):
             from .matching import _sample
 
