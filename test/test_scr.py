@@ -168,7 +168,8 @@ def test_model_file_round_trip_and_bad_files(tmp_path):
 
 def test_tiny_prepare_trains_exports_and_the_pipeline_uses_it(tmp_path):
     """The preparation command end to end on a few views; the pipeline initialises with the model."""
-    from reg2d3d_ros.engines import make_runner
+    from reg2d3d_ros.engines import load, onnx_path_for
+    from reg2d3d_ros.engines.runtime import onnx_source_sha256, file_sha256
     from reg2d3d_ros.example import example_paths
     from reg2d3d_ros.pipeline import PipelineConfig, RegistrationPipeline
     from reg2d3d_ros.scr.model import SCRInitializer
@@ -188,7 +189,9 @@ def test_tiny_prepare_trains_exports_and_the_pipeline_uses_it(tmp_path):
     # ONNX Runtime and PyTorch agree
     m = SCRInitializer.load(out / "scr.pt")
     frame = np.random.default_rng(0).random((128, 128)).astype(np.float32)
-    onnx_out = make_runner(out / "scr.onnx", "onnxruntime", "cpu")(m.network_input(frame).numpy())
+    engine = load(out / "scr.pt", "scr", "onnxruntime", "cpu")
+    assert engine.backend == "onnxruntime" and onnx_source_sha256(onnx_path_for(out / "scr.pt", "scr", 1)) == file_sha256(out / "scr.pt")
+    onnx_out = engine(m.network_input(frame).numpy())
     assert np.allclose(onnx_out[0], m.predict(frame).numpy(), atol=1e-4)
     # the pipeline loads it and runs SCR on a frame without an initial pose
     p = RegistrationPipeline(PipelineConfig(ct_path=str(ex.ct), labels_path=str(ex.labels), label_table_path=str(ex.label_table), target="T8",

@@ -21,7 +21,6 @@ hit mask for rays that meet no bone.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np

@@ -1,9 +1,9 @@
-"""Inference back-ends (TensorRT, ONNX Runtime, PyTorch) and model files.
+"""Inference back-ends (TensorRT, PyTorch, ONNX Runtime) and model files.
 
-The learned components (SCR initialiser, learned PPC weights and flow) run through one of three
-back-ends: ``tensorrt`` where a CUDA GPU and TensorRT exist, ``onnxruntime`` and ``pytorch``
-everywhere. ``auto`` picks the first available in that order. This module answers which back-end
-and device to use and checks model files *before* anything depends on them, so that a corrupt or
+The learned components (SCR initialiser, PPC-L weights, PPC Flow network and attention) run
+through :func:`load` (:mod:`.runtime`: one interface, three back-ends, fall-backs, ONNX export,
+TensorRT engine cache). This module also answers which back-end and device a configuration
+means and checks model files *before* anything depends on them, so that a corrupt or
 incompatible file is one clear :class:`~reg2d3d_ros.errors.ModelLoadError` at start-up instead of
 a traceback mid-operation.
 
@@ -23,8 +23,13 @@ import importlib.util
 from pathlib import Path
 
 from ..errors import ConfigError, ModelLoadError
+from .runtime import (BACKENDS, OPSET, Engine, NetworkSpec, cache_dir, candidates, export_network, file_sha256, load, model_files,
+                      networks_of, onnx_path_for, trt_cache_key)
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "pytorch")
+__all__ = ["BACKENDS", "DEVICES", "MODEL_SUFFIXES", "OPSET", "Engine", "NetworkSpec", "available_backends", "cache_dir", "candidates",
+           "check_model_file", "check_models_dir", "cuda_available", "export_network", "file_sha256", "load", "model_files", "networks_of",
+           "onnx_path_for", "read_model_blob", "resolve_backend", "resolve_device", "trt_cache_key"]
+
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_SUFFIXES = (".onnx", ".pt", ".pth", ".engine", ".plan")
 
@@ -66,19 +71,20 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_backend(backend: str, device: str = "auto") -> str:
-    """The back-end to use: ``auto`` -> the best available one; an unavailable explicit one is an error."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    dev = resolve_device(device)
+    """The back-end a configuration will get (:func:`.runtime.candidates` order, first available one).
+
+    An explicit back-end that is not available here is a warning (logger ``reg2d3d_ros.engines``)
+    and the next one in the ``auto`` order is used, never an error: the node still runs.
+    """
+    import logging
+
+    resolve_device(device)
     avail = available_backends()
-    if backend == "auto":
-        return next(b for b in avail if b != "tensorrt" or dev == "cuda")
-    if backend not in avail:
-        why = "TensorRT and a CUDA GPU" if backend == "tensorrt" else "the Python package " + backend
-        raise ConfigError(f"backend {backend!r} is not available here (it needs {why}); available: {', '.join(avail)}")
-    if backend == "tensorrt" and dev != "cuda":
-        raise ConfigError("backend 'tensorrt' needs device 'cuda' (or 'auto' on a machine with a GPU)")
-    return backend
+    order = candidates(backend, device)
+    got = next(be for be, _ in order if be in avail)
+    if backend != "auto" and got != backend:
+        logging.getLogger("reg2d3d_ros.engines").warning(f"back-end {backend!r} is not available here (available: {', '.join(avail)}); using {got!r}")
+    return got
 
 
 def check_model_file(path) -> dict:
@@ -175,92 +181,3 @@ def check_models_dir(models_dir) -> list:
     if not d.is_dir():
         raise ModelLoadError(f"models folder {str(d)!r} does not exist or is not a folder")
     return [check_model_file(f) for f in sorted(d.iterdir()) if f.suffix.lower() in MODEL_SUFFIXES]
-
-
-def export_onnx(net, example, path, input_name: str = "image", output_name: str = "output") -> Path:
-    """Export a network to ONNX (opset 17, fixed input shape of ``example``).
-
-    Parameters
-    ----------
-    net : torch.nn.Module
-        The network (put in eval mode for the export).
-    example : torch.Tensor
-        ``(B, C, H, W)`` float32 example input on the network's device.
-    """
-    import warnings
-
-    import torch
-
-    net = net.eval()
-    p = Path(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (example,), str(p), input_names=[input_name], output_names=[output_name], dynamo=False, opset_version=17)
-    return p
-
-
-def make_runner(onnx_path, backend: str, device: str):
-    """An inference function ``(B, C, H, W) float32 numpy -> first output numpy`` for an ONNX graph.
-
-    ``backend`` is a resolved back-end (:func:`resolve_backend`): ``onnxruntime`` runs the graph
-    with ONNX Runtime (CUDA provider on ``cuda`` when present); ``tensorrt`` builds a TensorRT
-    engine from it (FP16 where the GPU supports it) and runs it; ``pytorch`` returns None (the
-    caller runs its own module).
-    """
-    if backend == "pytorch":
-        return None
-    p = Path(onnx_path)
-    if not p.is_file():
-        raise ModelLoadError(f"back-end {backend} needs the ONNX graph {str(p)!r}, which does not exist (re-run the preparation)")
-    if backend == "onnxruntime":
-        import onnxruntime as ort
-
-        providers = ["CPUExecutionProvider"]
-        if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        try:
-            sess = ort.InferenceSession(str(p), providers=providers)
-        except Exception as exc:
-            raise ModelLoadError(f"ONNX Runtime cannot load {str(p)!r}: {str(exc).splitlines()[0][:200]}") from None
-        name = sess.get_inputs()[0].name
-        return lambda x: sess.run(None, {name: x})[0]
-    if backend == "tensorrt":  # pragma: no cover - needs TensorRT and a GPU
-        return _tensorrt_runner(p)
-    raise ConfigError(f"unknown back-end {backend!r}")
-
-
-def _tensorrt_runner(onnx_path: Path):  # pragma: no cover - needs TensorRT and a GPU
-    """Build a TensorRT engine from ONNX and return an inference function (I/O through torch CUDA tensors)."""
-    import tensorrt as trt
-    import torch
-
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_path.read_bytes()):
-        raise ModelLoadError(f"TensorRT cannot parse {str(onnx_path)!r}: {parser.get_error(0)}")
-    config = builder.create_builder_config()
-    if builder.platform_has_fast_fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise ModelLoadError(f"TensorRT could not build an engine from {str(onnx_path)!r}")
-    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
-    context = engine.create_execution_context()
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    inp = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-    out = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-
-    def run(x):
-        xt = torch.as_tensor(x, device="cuda").contiguous()
-        context.set_input_shape(inp, tuple(xt.shape))
-        yt = torch.empty(tuple(context.get_tensor_shape(out)), dtype=torch.float32, device="cuda")
-        context.set_tensor_address(inp, xt.data_ptr())
-        context.set_tensor_address(out, yt.data_ptr())
-        stream = torch.cuda.current_stream()
-        context.execute_async_v3(stream.cuda_stream)
-        stream.synchronize()
-        return yt.cpu().numpy()
-
-    return run

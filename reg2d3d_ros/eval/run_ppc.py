@@ -134,7 +134,7 @@ def evaluate_tracking(ct, vertebrae, views, n_frames: int, size: int, seed: int,
             ci = setup.intrinsics().to_camera_info()
             pipe.set_camera_info(ci["k"], ci["width"], ci["height"])
             pipe.set_initial_pose(poses[0])
-            errs, times, published, lost, modes = [], [], [], [], []
+            errs, times, lost, modes = [], [], [], []
             for f in range(n_frames):
                 e = encode_image(seq.images[f], seq.encoding)
                 r = pipe.process(e["encoding"], e["height"], e["width"], e["step"], e["data"])

@@ -52,7 +52,7 @@ def percentiles(x) -> dict:
 def evaluate(models_dir: Path, views_dir: Path, posenet_path: Path | None, frame_size: int, limit: int | None, seed: int, backend: str,
              start: int = 0, acceptance=None) -> dict:
     """Run the evaluation on views ``start .. start + limit``; returns the results dictionary."""
-    from ..engines import make_runner
+    from ..engines import load
     from ..geometry import CArmIntrinsics
     from ..scr.data import augment_frame, load_views
     from ..scr.model import SCRInitializer
@@ -60,7 +60,7 @@ def evaluate(models_dir: Path, views_dir: Path, posenet_path: Path | None, frame
 
     model = SCRInitializer.load(models_dir / "scr.pt", acceptance=acceptance)
     if backend != "pytorch":
-        model.runner = make_runner(models_dir / "scr.onnx", backend, "cpu")
+        model.runner = load(models_dir / "scr.pt", "scr", backend, "cpu")
     spec = json.loads((views_dir / "spec.json").read_text())
     files = sorted(views_dir.glob("views_*.npz"))
     if not files:

@@ -69,6 +69,16 @@ class FlowOperator:
         self.flow_net = flow_net.eval()
         self.attention_net = None if attention_net is None else attention_net.eval()
         self.meta = meta or {}
+        #: ``{"flow": Engine, "attention": Engine}`` that replace the PyTorch modules for inference (:meth:`attach_engines`)
+        self.engines = {}
+
+    def attach_engines(self, path, backend: str = "auto", device: str = "auto") -> list:
+        """Run the networks of the model file ``path`` on an inference back-end (:func:`reg2d3d_ros.engines.load`); returns the engines."""
+        from ..engines import load
+
+        names = ["flow"] + ([] if self.attention_net is None else ["attention"])
+        self.engines = {n: load(path, n, backend, device) for n in names}
+        return list(self.engines.values())
 
     @property
     def kind(self) -> str:
@@ -85,6 +95,8 @@ class FlowOperator:
         if ph or pw:
             f = torch.nn.functional.pad(f, (0, pw, 0, ph))
             m = torch.nn.functional.pad(m, (0, pw, 0, ph))
+        if "flow" in self.engines:
+            return self.engines["flow"](f, m)[..., :h, :w]
         with torch.no_grad():
             return self.flow_net(f, m)[..., :h, :w]
 
@@ -112,6 +124,8 @@ class FlowOperator:
                 return torch.ones(len(c), dtype=corr.uv_corr.dtype)
             dp = corr.uv_corr - c.uv
             f = attention_features(c.uv[None], c.normal_2d[None], c.w_opt[None], c.g_opt[None], dp[None], float(corr.K[0, 0]), corr.search_px)
+            if "attention" in self.engines:
+                return self.engines["attention"](f, torch.ones(f.shape[:2], dtype=torch.bool))[0].to(corr.uv_corr.dtype)
             with torch.no_grad():
                 return self.attention_net(f)[0].to(corr.uv_corr.dtype)
 

@@ -69,6 +69,15 @@ class LearnedWeighting:
     def __init__(self, nets: dict, meta: dict | None = None):
         self.nets = {float(k): v.eval() for k, v in nets.items()}
         self.meta = meta or {}
+        #: ``{level: engines.Engine}`` that replace the PyTorch modules for inference (:meth:`attach_engines`)
+        self.engines = {}
+
+    def attach_engines(self, path, backend: str = "auto", device: str = "auto") -> list:
+        """Run the networks of the model file ``path`` on an inference back-end (:func:`reg2d3d_ros.engines.load`); returns the engines."""
+        from ..engines import load
+
+        self.engines = {k: load(path, f"level_{k:g}", backend, device) for k in self.levels}
+        return list(self.engines.values())
 
     @property
     def levels(self) -> tuple:
@@ -83,9 +92,12 @@ class LearnedWeighting:
     def weighter(self, nominal: float):
         """Callable ``Correspondences -> (N,) weights`` for one nominal level."""
         net = self.net_for(nominal)
+        engine = next((e for k, e in self.engines.items() if abs(k - nominal) < 1e-6), None)
 
         def weigh(corr: Correspondences) -> torch.Tensor:
             feats = correspondence_features(corr)
+            if engine is not None:
+                return engine(feats[None], torch.ones(feats.shape[:1], dtype=torch.bool)[None])[0].to(corr.uv_corr.dtype)
             with torch.no_grad():
                 return net(feats[None])[0].to(corr.uv_corr.dtype)
 

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import Reg2D3DError, run_cli
+from ..errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
