@@ -348,6 +348,9 @@ def _ort_runner(onnx_path: Path, spec: NetworkSpec, device: str):
         providers.insert(0, "CUDAExecutionProvider")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # no busy-waiting of ONNX Runtime's threads after a run: they would take the cores from the
+    # PyTorch work (rendering, matching) that follows each network call in the update
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
     names = [i.name for i in sess.get_inputs()]
     if names != list(spec.inputs):
