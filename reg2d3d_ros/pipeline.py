@@ -26,6 +26,8 @@ threads (they only store values under a lock).
 
 from __future__ import annotations
 
+import math
+
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,6 +38,9 @@ import torch
 from .errors import ConfigError, ImageError, ModelLoadError, Reg2D3DError
 from .geometry.camera import CArmIntrinsics
 from .images import decode_image, to_attenuation
+
+#: Intensity stages (``recover``, ``refine``): off, or the similarity metric they use.
+INTENSITY_STAGES = ("off", "ncc", "gc", "mncc")
 
 #: Update operators the ``tracker`` setting accepts.
 TRACKERS = ("ppc", "ppc_l", "ppc_l_plus", "ppc_l_hybrid", "ppc_flow_plus")
@@ -84,6 +89,18 @@ class PipelineConfig:
     backend, device : str
         Inference back-end (``auto``, ``tensorrt``, ``onnxruntime``, ``pytorch``) and device
         (``auto``, ``cpu``, ``cuda``) for the learned components (:mod:`reg2d3d_ros.engines`).
+    recover : str
+        Recovery stage (:data:`INTENSITY_STAGES`): when tracking was lost and SCR-PnP is
+        rejected or unavailable, intensity-based registration (:mod:`reg2d3d_ros.intensity`,
+        this similarity, gradient ascent then CMA-ES) from the last good pose before the PPC
+        registration; ``off``: PPC from the last good pose directly.
+    refine : str
+        Refinement stage (:data:`INTENSITY_STAGES`): intensity-based registration (gradient
+        ascent then CMA-ES) of every initial pose (SCR-PnP or the initial-pose input) before
+        the PPC registration.
+    intensity_budget_s : float
+        Wall-time budget of the CMA-ES part of each recovery/refinement, seconds (the gradient
+        part is bounded by its iteration counts).
     """
 
     ct_path: str = ""
@@ -98,6 +115,9 @@ class PipelineConfig:
     models_dir: str = ""
     backend: str = "auto"
     device: str = "auto"
+    recover: str = "off"
+    refine: str = "off"
+    intensity_budget_s: float = 2.0
 
 
 @dataclass
@@ -146,6 +166,12 @@ class RegistrationPipeline:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {config.backend!r}")
         if config.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {config.device!r}")
+        for name in ("recover", "refine"):
+            if getattr(config, name) not in INTENSITY_STAGES:
+                raise ConfigError(f"{name} must be one of {', '.join(INTENSITY_STAGES)}, got {getattr(config, name)!r}")
+        if not config.intensity_budget_s >= 0:
+            raise ConfigError(f"intensity_budget_s must be >= 0, got {config.intensity_budget_s}")
+        self.intensity = None  # intensity registrator of the recover/refine stages (set by load when one is on)
         self.config = config
         self.backend = ""
         self.device = ""
@@ -191,6 +217,10 @@ class RegistrationPipeline:
         flow = load_ppcflow(cfg.models_dir, cfg.backend, cfg.device) if cfg.tracker == "ppc_flow_plus" else None
         self.registrator = PPCRegistrator.from_ct(ct, cfg.target, learned=learned, flow=flow)
         self.scr = load_scr(cfg.models_dir, cfg.backend, cfg.device)
+        if cfg.recover != "off" or cfg.refine != "off":
+            from .intensity import IntensityRegistrator
+
+            self.intensity = IntensityRegistrator.from_ct(ct, cfg.target)
         #: every network's engine (name, back-end, device, notes), for the log and diagnostics
         self.engines = ([] if self.scr is None else [self.scr.runner]) + (list(learned.engines.values()) if learned else []) + \
             (list(flow.engines.values()) if flow else [])
@@ -281,8 +311,14 @@ class RegistrationPipeline:
                         return FrameResult(None, state, r.why, r.confidence, time.perf_counter() - t0, scr_details, image, intr)
                     else:
                         scr_details["scr_rejected"] = r.why
+                if start is not None and cfg_stage(self.config.refine):
+                    start, scr_details["refine"] = self._intensity_stage(image, intr, start, self.config.refine, recover=False)
+                    source += "+refine"
                 if start is None and last_good is not None:
                     start, source = last_good, "last_good"
+                    if cfg_stage(self.config.recover):
+                        start, scr_details["recover"] = self._intensity_stage(image, intr, start, self.config.recover, recover=True)
+                        source += "+recover"
                 if start is None:
                     msg = "no initial pose: publish one on the initial_pose topic (no SCR model in models_dir: create one with python -m reg2d3d_ros.prepare)"
                     with self._lock:
@@ -327,6 +363,17 @@ class RegistrationPipeline:
             return FrameResult(None, new_state, why, result.inlier_fraction, time.perf_counter() - t0, details, image, intr)
         return FrameResult(result.T_optical_from_ct, new_state, "", result.inlier_fraction, time.perf_counter() - t0, details, image, intr)
 
+    def _intensity_stage(self, image, intr, start, metric: str, recover: bool):
+        """Intensity-based registration from ``start`` (the recover or refine stage); returns ``(pose, details)``.
+
+        Recovery searches wider (coarse level first, larger CMA-ES steps) than refinement. Both
+        are bounded: iteration counts and the CMA-ES time budget.
+        """
+        cfg = intensity_stage_config(metric, recover, self.config.intensity_budget_s)
+        r = self.intensity.register(image, intr, start, config=cfg)
+        return r.T_optical_from_ct, {"metric": metric, "similarity": round(r.similarity, 4), "start_similarity": round(r.start_similarity, 4),
+                                     "ms": round(1000 * r.seconds, 1)}
+
     def overlay(self, result: FrameResult) -> np.ndarray:
         """RGB ``(H, W, 3)`` uint8: the frame of a result with the target's projected contours at its pose."""
         from .ppc import select_contours
@@ -362,6 +409,26 @@ def tracker_configs(tracker: str):
     if tracker == "ppc_flow_plus":
         return PPCConfig(flow_levels=(0.25,)), TRACKING_CONFIG
     raise ConfigError(f"tracker {tracker!r} is not available (available: {', '.join(TRACKERS)})")
+
+
+def intensity_stage_config(metric: str, recover: bool, budget_s: float):
+    """The :class:`reg2d3d_ros.intensity.IntensityConfig` of the node's recover (wider) or refine stage.
+
+    In-plane motion only (rotation about the principal ray, image-plane translation): on whole-CT
+    frames the vertebra's DRR similarity barely constrains depth and out-of-plane rotation and
+    drifts there (``reports/intensity``).
+    """
+    from .intensity import IN_PLANE_DOF, IntensityConfig
+
+    if recover:
+        return IntensityConfig(metric=metric, dof=IN_PLANE_DOF, levels=(0.25, 0.5), iterations=(40, 20), cmaes=True,
+                               cmaes_sigma_rot_rad=math.radians(2.0), cmaes_sigma_trans_mm=3.0, cmaes_time_budget_s=budget_s)
+    return IntensityConfig(metric=metric, dof=IN_PLANE_DOF, levels=(0.5,), iterations=(20,), cmaes=True, cmaes_time_budget_s=budget_s)
+
+
+def cfg_stage(value: str) -> bool:
+    """Whether an intensity stage setting (:data:`INTENSITY_STAGES`) is on."""
+    return value != "off"
 
 
 def load_ppcl(models_dir: str, backend: str = "auto", device: str = "auto"):

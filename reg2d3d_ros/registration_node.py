@@ -40,7 +40,7 @@ from tf2_msgs.msg import TFMessage  # noqa: E402
 from .errors import Reg2D3DError  # noqa: E402
 from .geometry.se3 import pose_m_to_transform, transform_to_pose_m  # noqa: E402
 from .ros.lifecycle import exit_status, init_ros, shutdown_ros  # noqa: E402
-from .pipeline import TRACKERS, TRACKING, WAITING_FOR_CT, PipelineConfig, RegistrationPipeline  # noqa: E402
+from .pipeline import INTENSITY_STAGES, TRACKERS, TRACKING, WAITING_FOR_CT, PipelineConfig, RegistrationPipeline  # noqa: E402
 
 #: (name, default, description, unit, range (lo, hi) or choices, read_only)
 PARAMETERS = [
@@ -57,6 +57,11 @@ PARAMETERS = [
      "used when no initial pose is given; ppcl.pt / ppcflow.pt: the learned update operators); every model file in it is checked at start-up; '' for none", "", None, True),
     ("backend", "auto", "inference back-end of the networks (auto: TensorRT > PyTorch CUDA > ONNX Runtime CPU > PyTorch CPU; an unavailable one falls back with a warning)", "", ("auto", "tensorrt", "onnxruntime", "pytorch"), True),
     ("device", "auto", "inference device (auto: cuda if available)", "", ("auto", "cpu", "cuda"), True),
+    ("recover", "off", "recovery stage when tracking is lost and SCR-PnP is rejected or unavailable (gc recommended: reports/intensity/report_recover.md): intensity-based registration "
+     "(this similarity, gradient ascent + CMA-ES) from the last good pose before PPC; off: PPC from the last good pose", "", INTENSITY_STAGES, True),
+    ("refine", "off", "refinement of every initial pose (SCR-PnP or initial_pose) by intensity-based registration (this similarity, gradient + CMA-ES) "
+     "before PPC", "", INTENSITY_STAGES, True),
+    ("intensity_budget_s", 2.0, "wall-time budget of the CMA-ES part of a recovery or refinement", "s", (0.0, 60.0), True),
     ("ct_frame", "ct", "TF child frame of the CT", "", None, True),
     ("image_topic", "/carm/image", "input frames (sensor_msgs/Image: mono8, mono16, 32FC1)", "", None, True),
     ("camera_info_topic", "/carm/camera_info", "input intrinsics (sensor_msgs/CameraInfo)", "", None, True),
@@ -102,6 +107,7 @@ class RegistrationNode(Node):
                 intensity=p["intensity"], tracker=p["tracker"], lost_inlier_fraction=p["lost_inlier_fraction"],
                 lost_relative_fraction=p["lost_relative_fraction"],
                 min_correspondences=p["min_correspondences"], models_dir=p["models_dir"], backend=p["backend"], device=p["device"],
+                recover=p["recover"], refine=p["refine"], intensity_budget_s=p["intensity_budget_s"],
             )
         )
         self.add_on_set_parameters_callback(self._on_set_parameters)
@@ -130,6 +136,7 @@ class RegistrationNode(Node):
         self._last_confidence = 0.0
         self._last_mode = ""
         self._last_scr = ""
+        self._last_intensity = ""  # the last recover/refine stage, for diagnostics
         self._worker = threading.Thread(target=self._run, name="registration_worker", daemon=True)
         self._worker.start()
 
@@ -216,6 +223,10 @@ class RegistrationNode(Node):
         self.frames_processed += 1
         self._last_confidence = res.confidence
         self._last_mode = str(res.details.get("mode", ""))
+        for stage in ("recover", "refine"):
+            if stage in res.details:
+                d = res.details[stage]
+                self._last_intensity = f"{stage} ({d['metric']}): similarity {d['start_similarity']:.3f} -> {d['similarity']:.3f}, {d['ms']:.0f} ms"
         if "scr_inliers" in res.details:
             self._last_scr = f"{res.details['scr_inliers']} inliers ({res.details['scr_inlier_fraction']:.2f}), {res.details['scr_ms']:.0f} ms"
         if res.T_optical_from_ct is None:
@@ -289,6 +300,7 @@ class RegistrationNode(Node):
             "last_mode": self._last_mode,
             "initialiser": "scr" if self.pipeline.scr is not None else "initial_pose topic",
             "last_scr": self._last_scr,
+            "last_intensity_stage": self._last_intensity,
             "backend": self.pipeline.backend,
             "engines": ", ".join(f"{e.name}:{e.backend}/{e.device}" for e in self.pipeline.engines),
             "device": self.pipeline.device,

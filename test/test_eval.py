@@ -82,3 +82,30 @@ def test_random_starts_have_prescribed_spread_of_initial_error():
     R = starts[:, :3, :3]
     assert torch.allclose(R @ R.transpose(-1, -2), torch.eye(3, dtype=torch.float64).expand_as(R), atol=1e-10)
     assert se3_exp is not None
+
+
+def test_seed_like_starts_follow_the_seed_protocol():
+    """Starts for the intensity evaluation: truncated Gaussians about the target's centre, inside the field of view."""
+    import math
+
+    from reg2d3d_ros.eval.run_intensity import seed_like_starts
+    from reg2d3d_ros.geometry import CArmIntrinsics, so3_log, transform_points
+    from reg2d3d_ros.sim import CArmSetup
+
+    intr = CArmSetup().intrinsics()
+    assert isinstance(intr, CArmIntrinsics)
+    T_gt = torch.eye(4, dtype=torch.float64)
+    T_gt[2, 3] = 680.0
+    pts = torch.randn(200, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 15.0
+    starts = seed_like_starts(T_gt, pts, intr, 60, seed=1)
+    assert starts.shape == (60, 4, 4)
+    rel = starts @ torch.linalg.inv(T_gt)
+    ang = torch.stack([so3_log(r[:3, :3]) for r in rel]).abs().max(dim=1).values
+    assert float(ang.max()) <= math.radians(40.0) * 1.001 + 1e-9 and float(ang.max()) > math.radians(10.0)
+    c = transform_points(starts, pts.mean(0)[None].expand(60, 1, 3))[:, 0]
+    d = c - transform_points(T_gt, pts.mean(0)[None])[0]
+    assert float(d[:, 2].abs().max()) <= 120.0 + 1e-6 and float(d[:, 2].abs().max()) > 30.0  # depth N(0, 60) truncated at 2 SD
+    K = intr.K(torch.float64)
+    u = K[0, 0] * c[:, 0] / c[:, 2] + K[0, 2]
+    assert bool(((u >= 0.1 * intr.width) & (u <= 0.9 * intr.width)).all())
+    assert torch.equal(starts, seed_like_starts(T_gt, pts, intr, 60, seed=1))  # deterministic

@@ -61,6 +61,10 @@ def test_training_and_evaluation_commands_report_user_errors(tmp_path):
     assert res.returncode == 2 and "unknown kind 'magic'" in res.stderr and "Traceback" not in res.stderr
     res = run_cli(["reg2d3d_ros.eval.run_ppcl", "--model", str(tmp_path / "none.pt"), "--out", str(tmp_path / "r")], tmp_path)
     assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli(["reg2d3d_ros.eval.run_intensity", "--variants", "sift", "--out", str(tmp_path / "r")], tmp_path)
+    assert res.returncode == 2 and "variants must be among" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli(["reg2d3d_ros.export_models", str(tmp_path / "nothing_here")], tmp_path)
+    assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "m").exists() and not (tmp_path / "r").exists()
 
 

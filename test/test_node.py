@@ -189,7 +189,7 @@ def test_replay_tool_feeds_the_node_and_recorder_writes_outputs(sim_bag, node_fa
     n.g.wait_for(lambda: len(n.poses) == 1, 30.0, "initialisation")
     rec_bag = tmp_path / "outputs"
     before = len(n.poses)  # published before the recorder existed
-    rec = subprocess.Popen([sys.executable, "-m", "reg2d3d_ros.record", str(rec_bag), "--topics", "/registration/pose", "/tf", "--duration", "25"],
+    rec = subprocess.Popen([sys.executable, "-m", "reg2d3d_ros.record", str(rec_bag), "--topics", "/registration/pose", "/tf", "--duration", "120"],
                            env=n.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # the recorder's subscriptions exist on the graph (the test's own are the first one of each)
     n.g.wait_for(lambda: n.g.node.count_subscribers("/registration/pose") >= 2 and n.g.node.count_subscribers("/tf") >= 2, 30.0,

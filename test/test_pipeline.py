@@ -314,3 +314,45 @@ def test_scr_initialises_without_an_initial_pose_and_after_a_loss():
     pipe.reset()
     r = pipe.process(*args)
     assert r.T_optical_from_ct is None and scr.calls == 4
+
+
+def test_recover_and_refine_stages(setting):
+    """recover: after a loss with no SCR model, intensity registration (GC + CMA-ES, time-bounded) from
+    the last good pose, then PPC; refine: intensity registration of the initial pose before PPC."""
+    from reg2d3d_ros.example import load_example
+    from reg2d3d_ros.sim import XrayDegradation, simulate_sequence, xray_renderer
+
+    seq, pts, mrpd, poses = setting["seq"], setting["pts"], setting["mrpd"], setting["poses"]
+    with pytest.raises(ConfigError, match="recover must be one of"):
+        RegistrationPipeline(PipelineConfig(recover="sift"))
+    cfg = PipelineConfig(**{**setting["cfg"].__dict__, "recover": "gc", "refine": "gc", "intensity_budget_s": 1.0})
+    pipe = RegistrationPipeline(cfg)
+    pipe.load()
+    ci = seq.intrinsics.to_camera_info()
+    pipe.set_camera_info(ci["k"], ci["width"], ci["height"])
+    # refine: a 3 mm off initial pose is refined by intensity, then registered by PPC
+    shift = torch.eye(4, dtype=torch.float64)
+    shift[:3, 3] = torch.tensor([3.0, -2.0, 0.0], dtype=torch.float64)
+    pipe.set_initial_pose(shift @ poses[0])
+    res = pipe.process(*frame(seq, 0))
+    assert res.details.get("mode") == "initialise (initial_pose+refine)" and res.state == TRACKING, res.error
+    ref = res.details["refine"]
+    assert ref["similarity"] >= ref["start_similarity"] and ref["ms"] < 20_000
+    assert float(mrpd(res.T_optical_from_ct, poses[0], pts)) < 2.0
+    # a sudden jump of 8 mm in-plane: tracking is lost, then recovered
+    jump = torch.eye(4, dtype=torch.float64)
+    jump[:3, 3] = torch.tensor([8.0, 5.0, 0.0], dtype=torch.float64)
+    T_jump = jump @ poses[1]
+    jseq = simulate_sequence(xray_renderer(load_example()), seq.intrinsics, T_jump[None], XrayDegradation(), seed=5)
+    threshold = pipe.config.lost_inlier_fraction
+    pipe.config.lost_inlier_fraction = 1.01  # make sure this frame is judged lost (the jump may also do it)
+    res = pipe.process(*frame(jseq, 0))
+    assert res.state == LOST and res.T_optical_from_ct is None
+    pipe.config.lost_inlier_fraction = threshold
+    res = pipe.process(*frame(jseq, 0))
+    assert res.details["mode"] == "initialise (last_good+recover)", res.details
+    rec = res.details["recover"]
+    assert rec["similarity"] > rec["start_similarity"] and rec["ms"] < 30_000
+    if res.T_optical_from_ct is not None:  # published: it must be right
+        assert float(mrpd(res.T_optical_from_ct, T_jump, pts)) < 2.0
+    assert res.T_optical_from_ct is not None, f"not recovered: {res.error}"
