@@ -311,12 +311,12 @@ class RegistrationPipeline:
                         return FrameResult(None, state, r.why, r.confidence, time.perf_counter() - t0, scr_details, image, intr)
                     else:
                         scr_details["scr_rejected"] = r.why
-                if start is not None and cfg_stage(self.config.refine):
+                if start is not None and self.config.refine != "off":
                     start, scr_details["refine"] = self._intensity_stage(image, intr, start, self.config.refine, recover=False)
                     source += "+refine"
                 if start is None and last_good is not None:
                     start, source = last_good, "last_good"
-                    if cfg_stage(self.config.recover):
+                    if self.config.recover != "off":
                         start, scr_details["recover"] = self._intensity_stage(image, intr, start, self.config.recover, recover=True)
                         source += "+recover"
                 if start is None:
@@ -424,11 +424,6 @@ def intensity_stage_config(metric: str, recover: bool, budget_s: float):
         return IntensityConfig(metric=metric, dof=IN_PLANE_DOF, levels=(0.25, 0.5), iterations=(40, 20), cmaes=True,
                                cmaes_sigma_rot_rad=math.radians(2.0), cmaes_sigma_trans_mm=3.0, cmaes_time_budget_s=budget_s)
     return IntensityConfig(metric=metric, dof=IN_PLANE_DOF, levels=(0.5,), iterations=(20,), cmaes=True, cmaes_time_budget_s=budget_s)
-
-
-def cfg_stage(value: str) -> bool:
-    """Whether an intensity stage setting (:data:`INTENSITY_STAGES`) is on."""
-    return value != "off"
 
 
 def load_ppcl(models_dir: str, backend: str = "auto", device: str = "auto"):
