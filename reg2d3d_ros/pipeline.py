@@ -39,8 +39,13 @@ from .errors import ConfigError, ImageError, ModelLoadError, Reg2D3DError
 from .geometry.camera import CArmIntrinsics
 from .images import decode_image, to_attenuation
 
-#: Intensity stages (``recover``, ``refine``): off, or the similarity metric they use.
-INTENSITY_STAGES = ("off", "ncc", "gc", "mncc")
+#: Intensity stages (``recover``, ``refine``): off, or the similarity metric they use
+#: (``learned``: the learned similarity ``similarity.pt`` of ``models_dir``; ``learned_gc``: the
+#: learned similarity, then gradient correlation from its result).
+INTENSITY_STAGES = ("off", "ncc", "gc", "mncc", "learned", "learned_gc")
+
+#: Gradient iterations of the learned similarity's recover stage.
+LEARNED_RECOVER_ITERATIONS = 60
 
 #: Update operators the ``tracker`` setting accepts.
 TRACKERS = ("ppc", "ppc_l", "ppc_l_plus", "ppc_l_hybrid", "ppc_flow_plus")
@@ -220,7 +225,8 @@ class RegistrationPipeline:
         if cfg.recover != "off" or cfg.refine != "off":
             from .intensity import IntensityRegistrator
 
-            self.intensity = IntensityRegistrator.from_ct(ct, cfg.target)
+            sim = load_similarity(cfg.models_dir, self.device) if {"learned", "learned_gc"} & {cfg.recover, cfg.refine} else None
+            self.intensity = IntensityRegistrator.from_ct(ct, cfg.target, learned=sim)
         #: every network's engine (name, back-end, device, notes), for the log and diagnostics
         self.engines = ([] if self.scr is None else [self.scr.runner]) + (list(learned.engines.values()) if learned else []) + \
             (list(flow.engines.values()) if flow else [])
@@ -369,10 +375,7 @@ class RegistrationPipeline:
         Recovery searches wider (coarse level first, larger CMA-ES steps) than refinement. Both
         are bounded: iteration counts and the CMA-ES time budget.
         """
-        cfg = intensity_stage_config(metric, recover, self.config.intensity_budget_s)
-        r = self.intensity.register(image, intr, start, config=cfg)
-        return r.T_optical_from_ct, {"metric": metric, "similarity": round(r.similarity, 4), "start_similarity": round(r.start_similarity, 4),
-                                     "ms": round(1000 * r.seconds, 1)}
+        return intensity_stage(self.intensity, image, intr, start, metric, recover, self.config.intensity_budget_s)
 
     def overlay(self, result: FrameResult) -> np.ndarray:
         """RGB ``(H, W, 3)`` uint8: the frame of a result with the target's projected contours at its pose."""
@@ -411,19 +414,73 @@ def tracker_configs(tracker: str):
     raise ConfigError(f"tracker {tracker!r} is not available (available: {', '.join(TRACKERS)})")
 
 
-def intensity_stage_config(metric: str, recover: bool, budget_s: float):
+def intensity_stage(reg, image, intr, start, stage: str, recover: bool, budget_s: float):
+    """Run one recover/refine stage (:data:`INTENSITY_STAGES`, not ``off``) from ``start``; returns ``(pose, details)``.
+
+    ``learned_gc`` runs the learned similarity's stage and then the gradient-correlation
+    refinement stage from its result (each with the CMA-ES budget ``budget_s``). ``details``
+    holds the metric, the similarity before and after (of the last metric) and the time.
+    """
+    t0 = time.perf_counter()
+    metrics = ["learned", "gc"] if stage == "learned_gc" else [stage]
+    T, first = start, None
+    for i, metric in enumerate(metrics):
+        level = None
+        if metric == "learned":  # compare at the network's input size
+            level = min(1.0, reg.learned.input_size / max(intr.width, intr.height))
+        cfg = intensity_stage_config(metric, recover and i == 0, budget_s, level=level)
+        r = reg.register(image, intr, T, config=cfg)
+        T, first = r.T_optical_from_ct, r.start_similarity if first is None else first
+    out = {"metric": stage, "similarity": round(r.similarity, 4), "start_similarity": round(r.start_similarity, 4),
+           "ms": round(1000 * (time.perf_counter() - t0), 1)}
+    if len(metrics) > 1:
+        out["learned_start_similarity"] = round(first, 4)
+    return T, out
+
+
+def intensity_stage_config(metric: str, recover: bool, budget_s: float, level: float | None = None):
     """The :class:`reg2d3d_ros.intensity.IntensityConfig` of the node's recover (wider) or refine stage.
 
     In-plane motion only (rotation about the principal ray, image-plane translation): on whole-CT
     frames the vertebra's DRR similarity barely constrains depth and out-of-plane rotation and
-    drifts there (``reports/intensity``).
+    drifts there (``reports/intensity``). The learned similarity works at one resolution,
+    ``level`` (the frame scaled to the network's input size; default 0.5).
     """
     from .intensity import IN_PLANE_DOF, IntensityConfig
 
+    if metric == "learned":
+        lv = 0.5 if level is None else float(level)
+        if recover:
+            return IntensityConfig(metric=metric, dof=IN_PLANE_DOF, levels=(lv,), iterations=(LEARNED_RECOVER_ITERATIONS,),
+                                   lr_rot_rad=0.02, lr_trans_mm=2.0, patience=15, cmaes=True, cmaes_sigma_rot_rad=math.radians(2.0),
+                                   cmaes_sigma_trans_mm=3.0, cmaes_time_budget_s=budget_s)
+        return IntensityConfig(metric=metric, dof=IN_PLANE_DOF, levels=(lv,), iterations=(20,), cmaes=True, cmaes_time_budget_s=budget_s)
     if recover:
         return IntensityConfig(metric=metric, dof=IN_PLANE_DOF, levels=(0.25, 0.5), iterations=(40, 20), cmaes=True,
                                cmaes_sigma_rot_rad=math.radians(2.0), cmaes_sigma_trans_mm=3.0, cmaes_time_budget_s=budget_s)
     return IntensityConfig(metric=metric, dof=IN_PLANE_DOF, levels=(0.5,), iterations=(20,), cmaes=True, cmaes_time_budget_s=budget_s)
+
+
+def load_similarity(models_dir: str, device="cpu"):
+    """The learned similarity of a models folder (``similarity.pt``), on ``device``.
+
+    It always runs in PyTorch: the recover/refine stages need its gradient with respect to the
+    image, which ONNX Runtime and TensorRT do not give.
+
+    Raises
+    ------
+    ModelLoadError
+        No models folder or no such file (the ``learned`` stages need it), or it cannot be used.
+    """
+    from pathlib import Path
+
+    from .errors import ModelLoadError
+    from .intensity.learned import LearnedSimilarity
+
+    if not models_dir:
+        raise ModelLoadError("the 'learned' recover/refine stage needs models_dir with similarity.pt "
+                             "(train it with python -m reg2d3d_ros.train_similarity)")
+    return LearnedSimilarity.load(Path(models_dir) / "similarity.pt", device=device)
 
 
 def load_ppcl(models_dir: str, backend: str = "auto", device: str = "auto"):

@@ -54,13 +54,13 @@ PARAMETERS = [
      "ppc_flow_plus (PPC Flow Attention at the coarsest level); "
      "the learned ones need ppcl.pt / ppcflow.pt in models_dir", "", TRACKERS, True),
     ("models_dir", "", "model folder written by python -m reg2d3d_ros.prepare for this CT (scr.pt/scr.onnx: the SCR-PnP initialiser, "
-     "used when no initial pose is given; ppcl.pt / ppcflow.pt: the learned update operators); every model file in it is checked at start-up; '' for none", "", None, True),
+     "used when no initial pose is given; ppcl.pt / ppcflow.pt: the learned update operators; similarity.pt: the learned similarity); every model file in it is checked at start-up; '' for none", "", None, True),
     ("backend", "auto", "inference back-end of the networks (auto: TensorRT > PyTorch CUDA > ONNX Runtime CPU > PyTorch CPU; an unavailable one falls back with a warning)", "", ("auto", "tensorrt", "onnxruntime", "pytorch"), True),
     ("device", "auto", "inference device (auto: cuda if available)", "", ("auto", "cpu", "cuda"), True),
     ("recover", "off", "recovery stage when tracking is lost and SCR-PnP is rejected or unavailable (gc recommended: reports/intensity/report_recover.md): intensity-based registration "
-     "(this similarity, gradient ascent + CMA-ES) from the last good pose before PPC; off: PPC from the last good pose", "", INTENSITY_STAGES, True),
+     "(this similarity, gradient ascent + CMA-ES) from the last good pose before PPC; learned: the learned similarity, similarity.pt in models_dir; learned_gc: learned, then gc; off: PPC from the last good pose", "", INTENSITY_STAGES, True),
     ("refine", "off", "refinement of every initial pose (SCR-PnP or initial_pose) by intensity-based registration (this similarity, gradient + CMA-ES) "
-     "before PPC", "", INTENSITY_STAGES, True),
+     "before PPC (learned: similarity.pt in models_dir)", "", INTENSITY_STAGES, True),
     ("intensity_budget_s", 2.0, "wall-time budget of the CMA-ES part of a recovery or refinement", "s", (0.0, 60.0), True),
     ("ct_frame", "ct", "TF child frame of the CT", "", None, True),
     ("image_topic", "/carm/image", "input frames (sensor_msgs/Image: mono8, mono16, 32FC1)", "", None, True),

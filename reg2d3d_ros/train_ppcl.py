@@ -30,22 +30,33 @@ QUALITY = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m reg2d3d_ros.train_ppcl", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("models/ppcl"), help="output folder for ppcl.pt / ppcl.json")
-    ap.add_argument("--cache", type=Path, default=Path("build/ppcl_cache"), help="folder for the precomputed correspondences")
-    ap.add_argument("--quality", choices=sorted(QUALITY), default="quick")
+def training_parser(prog: str, description: str, out: str, cache: str, what: str, quality: dict, per_frame: tuple, size: int,
+                    seed: int) -> argparse.ArgumentParser:
+    """The arguments every training command shares (output, cache, quality, vertebrae, CT, size, seed).
+
+    ``per_frame`` is ``(option, help)`` of the per-frame count (e.g. ``("--starts", "start poses per frame")``).
+    """
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--out", type=Path, default=Path(out), help=f"output folder for {what}")
+    ap.add_argument("--cache", type=Path, default=Path(cache), help="folder for the precomputed training data and checkpoints")
+    ap.add_argument("--quality", choices=sorted(quality), default="quick")
     ap.add_argument("--vertebrae", default="T3,T4,T5,T7,T9,T11", help="training vertebrae (the last one validates)")
     ap.add_argument("--frames-per-view", type=int, default=None)
-    ap.add_argument("--starts", type=int, default=None, help="start poses per frame")
+    ap.add_argument(per_frame[0], type=int, default=None, help=per_frame[1])
     ap.add_argument("--epochs", type=int, default=None)
-    ap.add_argument("--max-mtre", type=float, default=30.0, help="largest initial mTRE of the starts, mm")
-    ap.add_argument("--size", type=int, default=512, help="frame size, pixels (detector 307 mm)")
+    ap.add_argument("--size", type=int, default=size, help="frame size, pixels (detector 307 mm)")
     ap.add_argument("--ct", type=Path, help="CT (NIfTI); default: the example CT")
     ap.add_argument("--labels", type=Path, help="label map of --ct")
     ap.add_argument("--label-table", type=Path, help="label names of --labels (csv/json)")
+    ap.add_argument("--seed", type=int, default=seed)
+    return ap
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = training_parser("python -m reg2d3d_ros.train_ppcl", __doc__.split("\n\n")[0], "models/ppcl", "build/ppcl_cache", "ppcl.pt / ppcl.json",
+                         QUALITY, ("--starts", "start poses per frame"), 512, 2000)
+    ap.add_argument("--max-mtre", type=float, default=30.0, help="largest initial mTRE of the starts, mm")
     ap.add_argument("--levels", default="0.25,0.5,1.0", help="resolution levels to train (PPC-L+ needs 0.25 and 0.5 only)")
-    ap.add_argument("--seed", type=int, default=2000)
     return ap
 
 
@@ -61,11 +72,13 @@ def _blob_to_sample(b: dict):
 
 
 def cached_training_frames(ct, vertebrae, frames_per_view: int, n_starts: int, max_mtre: float, size: int, seed: int, cache: Path,
-                           prefix: str, per_frame, what: str, progress: bool = True):
+                           prefix: str, per_frame, what: str, progress: bool = True, make_registrator=None):
     """Yield ``(vertebra, blob)`` for every training frame; ``blob = per_frame(registrator, cases)`` is computed once.
 
     A frame is one simulated case set of a vertebra (AP and lateral, jittered) with ``n_starts``
     starts; blobs (tensors, lists, dicts) are cached as ``cache/<prefix><vertebra>_f<k>_...pt``.
+    The registrator is ``make_registrator(ct, vertebra)`` (default
+    :meth:`reg2d3d_ros.ppc.PPCRegistrator.from_ct`).
     """
     import torch
 
@@ -85,7 +98,7 @@ def cached_training_frames(ct, vertebrae, frames_per_view: int, n_starts: int, m
         else:
             cs = CaseSet(f"train-{vert}-{f}", (vert,), seed=seed + 100 * f + 10 * vertebrae.index(vert), jitter_deg=10.0, jitter_mm=15.0)
             cases = make_cases(ct, cs, n_starts, max_mtre_mm=max_mtre, setup=setup)
-            blob = per_frame(PPCRegistrator.from_ct(ct, vert), cases)
+            blob = per_frame((make_registrator or PPCRegistrator.from_ct)(ct, vert), cases)
             tmp = path.with_suffix(".tmp")
             torch.save(blob, tmp)
             tmp.replace(path)
@@ -116,8 +129,10 @@ def collect(ct, vertebrae, frames_per_view: int, n_starts: int, max_mtre: float,
     return out
 
 
-def training_setup(args, epochs_scale: float = 1.0):
+def training_setup(args, epochs_scale: float = 1.0, quality: dict | None = None):
     """``(ct, vertebrae, frames per view, starts, epochs)`` of a training command's arguments.
+
+    ``quality`` maps ``args.quality`` to ``(frames, starts, epochs)`` (default :data:`QUALITY`).
 
     Raises :class:`ConfigError` for fewer than two vertebrae (the last one validates) or a CT
     without labels; warns when a test vertebra of the evaluation is trained on.
@@ -125,7 +140,7 @@ def training_setup(args, epochs_scale: float = 1.0):
     from .example import load_example
     from .volume import load_ct
 
-    frames, starts, epochs = QUALITY[args.quality]
+    frames, starts, epochs = (quality or QUALITY)[args.quality]
     frames = args.frames_per_view or frames
     starts = args.starts or starts
     epochs = args.epochs or max(1, int(epochs * epochs_scale))

@@ -29,31 +29,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-VARIANTS = ("ncc", "gc", "mncc")
+VARIANTS = ("ncc", "gc", "mncc", "learned", "learned_gc")
+#: Gradient stage of the learned similarity in the seed protocol (one level: the network's input size).
+LEARNED_LEVEL = 0.5
 
 
 def seed_like_starts(T_gt: torch.Tensor, pts_ct_mm: torch.Tensor, intrinsics, n: int, seed: int, rot_sd_deg: float = 20.0,
                      inplane_sd_mm: float = 30.0, depth_sd_mm: float = 60.0, truncate_sd: float = 2.0) -> torch.Tensor:
-    """``(n, 4, 4)`` start poses ``P(xi) @ T_gt`` drawn like the seed (module docstring), float64, mm."""
-    from ..geometry import transform_points
-    from ..intensity.register import perturb_about
+    """``(n, 4, 4)`` start poses ``P(xi) @ T_gt`` drawn like the seed (module docstring) about the target points' mean, float64, mm."""
+    from ..intensity.learned import seed_like_perturbations
 
-    rng = np.random.default_rng(seed)
-    c_opt = transform_points(T_gt, pts_ct_mm.mean(0, keepdim=True))[0]
-    K = intrinsics.K(torch.float64)
-    sd = np.array([math.radians(rot_sd_deg)] * 3 + [inplane_sd_mm, inplane_sd_mm, depth_sd_mm])
-    out = []
-    while len(out) < n:
-        xi = np.clip(rng.standard_normal(6), -truncate_sd, truncate_sd) * sd
-        T = perturb_about(torch.as_tensor(xi, dtype=torch.float64)[None], c_opt[None])[0] @ T_gt
-        c = transform_points(T, pts_ct_mm.mean(0, keepdim=True))[0]
-        if c[2] <= 0:
-            continue
-        u, v = float(K[0, 0] * c[0] / c[2] + K[0, 2]), float(K[1, 1] * c[1] / c[2] + K[1, 2])
-        W, H = intrinsics.width, intrinsics.height
-        if 0.1 * W <= u <= 0.9 * W and 0.1 * H <= v <= 0.9 * H:
-            out.append(T)
-    return torch.stack(out)
+    _, T = seed_like_perturbations(T_gt, pts_ct_mm.mean(0), intrinsics, n, np.random.default_rng(seed), rot_sd_deg=rot_sd_deg,
+                                   inplane_sd_mm=inplane_sd_mm, depth_sd_mm=depth_sd_mm, truncate_sd=truncate_sd)
+    return T
 
 
 def jump_starts(T_gt: torch.Tensor, pts_ct_mm: torch.Tensor, n: int, seed: int, min_mm: float = 5.0, max_mm: float = 15.0,
@@ -74,9 +62,14 @@ def jump_starts(T_gt: torch.Tensor, pts_ct_mm: torch.Tensor, n: int, seed: int, 
 
 
 def variant_config(name: str, cmaes: bool):
-    """The intensity configuration of one evaluated variant (``ncc``/``gc``/``mncc``, with or without CMA-ES)."""
+    """The intensity configuration of one evaluated variant (``ncc``/``gc``/``mncc``/``learned``, with or without CMA-ES)."""
     from ..intensity import IntensityConfig
 
+    if name == "learned":
+        # learning rates chosen on the validation vertebra T11 (0.01 rad / 1 mm beat 0.03 / 3 and 0.05 / 5 there)
+        return IntensityConfig(metric=name, levels=(LEARNED_LEVEL,), iterations=(150,), lr_rot_rad=0.01, lr_trans_mm=1.0, patience=30, cmaes=cmaes,
+                               cmaes_sigma_rot_rad=math.radians(3.0), cmaes_sigma_trans_mm=5.0, cmaes_population=16, cmaes_generations=40,
+                               cmaes_time_budget_s=6.0)
     return IntensityConfig(metric=name, levels=(0.25, 0.5), iterations=(60, 30), cmaes=cmaes, cmaes_sigma_rot_rad=math.radians(3.0),
                            cmaes_sigma_trans_mm=5.0, cmaes_population=16, cmaes_generations=40, cmaes_time_budget_s=6.0)
 
@@ -102,6 +95,12 @@ def write_report(out: Path, rows: list, meta: dict) -> None:
              "depth N(0, 60) mm about the target's centre, truncated at 2 SD, target centre inside the central 80 % of the frame. "
              "Gradient stage: Adam, levels 0.25 then 0.5 of the frame (60 + 30 iterations at most); CMA-ES: population 16, "
              "sigma 3 deg / 5 mm, at most 40 generations or 6 s, at level 0.5. mTRE over the vertebra's label points; SR: mTRE < 10 mm.", ""]
+    if meta.get("learned"):
+        lines += [f"learned: the correlation-driven learned similarity `{meta['learned']['path']}` "
+                  f"({meta['learned']['summary']}); one level (0.5 of the frame = the network's 128 px input), up to 150 Adam "
+                  "iterations (0.01 rad, 1 mm per step at most; chosen on the validation vertebra T11), CMA-ES on the learned similarity as above. It sees the whole frame "
+                  "(no footprint mask). learned_gc: that gradient stage, then the gc variant (with its CMA-ES where named) from its "
+                  "result.", ""]
     if init:
         lines += [f"Initial mTRE: 50th {np.percentile(init, 50):.1f}, 75th {np.percentile(init, 75):.1f}, 95th {np.percentile(init, 95):.1f} mm.", ""]
     lines += ["| variant | mTRE 50th [mm] | 75th | 95th | SR [%] | median time [s] |", "|---|---|---|---|---|---|"]
@@ -116,7 +115,7 @@ def write_report(out: Path, rows: list, meta: dict) -> None:
 def _recover_rows(ct, case, reg, variants, args, rows, done, res_path) -> None:
     """The recover protocol for one case: PPC alone vs the node's recover stage (each metric) then PPC, from the same jumps."""
     from ..eval.metrics import mrpd
-    from ..pipeline import intensity_stage_config
+    from ..pipeline import intensity_stage
     from ..ppc import PPCRegistrator
 
     ppc = PPCRegistrator.from_ct(ct, case.vertebra)
@@ -130,7 +129,7 @@ def _recover_rows(ct, case, reg, variants, args, rows, done, res_path) -> None:
             t0 = time.perf_counter()
             T, e_int = starts[k], e0
             if name != "off":
-                T = reg.register(case.image_att, case.intrinsics, T, config=intensity_stage_config(name, True, 2.0)).T_optical_from_ct
+                T, _ = intensity_stage(reg, case.image_att, case.intrinsics, T, name, True, 2.0)
                 e_int = float(mrpd(T, case.T_gt, case.target_pts))
             t_int = time.perf_counter() - t0
             T = ppc.register(case.image_att, case.intrinsics, T).T_optical_from_ct
@@ -182,6 +181,7 @@ def _run(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=3000)
     ap.add_argument("--protocol", choices=["seed", "recover"], default="seed",
                     help="seed: the seed's wide starts, 6 DoF; recover: the node's recover stage (in-plane 5-15 mm jumps, then PPC)")
+    ap.add_argument("--similarity", type=Path, default=Path("models/similarity/similarity.pt"), help="model of the learned variant")
     ap.add_argument("--quick", action="store_true", help="one vertebra, one start: a smoke run")
     ap.add_argument("--fresh", action="store_true", help="ignore finished rows in OUT/results.json")
     args = ap.parse_args(argv)
@@ -203,11 +203,20 @@ def _run(argv=None) -> int:
     res_path = args.out / ("results.json" if args.protocol == "seed" else "results_recover.json")
     rows = [] if args.fresh or not res_path.exists() else json.loads(res_path.read_text())["rows"]
     done = {(r["vertebra"], r["view"], r["start"], r["variant"]) for r in rows}
+    learned, learned_meta = None, None
+    if {"learned", "learned_gc"} & set(variants):
+        from ..intensity.learned import LearnedSimilarity
+
+        learned = LearnedSimilarity.load(args.similarity)
+        m = learned.meta
+        learned_meta = {"path": str(args.similarity), "summary": f"trained on {', '.join(m.get('vertebrae', ['?'])[:-1])}, validated on "
+                        f"{(m.get('vertebrae') or ['?'])[-1]}; {m.get('n_train', '?')} training samples, best epoch "
+                        f"{(m.get('best_epoch') or 0) + 1} of {m.get('epochs', '?')}"}
     ct = load_example()
     cases = make_cases(ct, CaseSet("intensity-test", verts, views=views, seed=args.seed), 1)
     t_all = time.time()
     for case in cases:
-        reg = IntensityRegistrator.from_ct(ct, case.vertebra)
+        reg = IntensityRegistrator.from_ct(ct, case.vertebra, learned=learned)
         if args.protocol == "recover":
             _recover_rows(ct, case, reg, variants, args, rows, done, res_path)
             continue
@@ -219,15 +228,21 @@ def _run(argv=None) -> int:
                     label = name + (" + CMA-ES" if use_cmaes else "")
                     if (case.vertebra, case.view, k, label) in done:
                         continue
-                    r = reg.register(case.image_att, case.intrinsics, starts[k], config=variant_config(name, use_cmaes))
+                    if name == "learned_gc":  # the learned similarity's gradient stage, then GC (and its CMA-ES) from there
+                        r0 = reg.register(case.image_att, case.intrinsics, starts[k], config=variant_config("learned", False))
+                        r = reg.register(case.image_att, case.intrinsics, r0.T_optical_from_ct, config=variant_config("gc", use_cmaes))
+                        seconds = r0.seconds + r.seconds
+                    else:
+                        r = reg.register(case.image_att, case.intrinsics, starts[k], config=variant_config(name, use_cmaes))
+                        seconds = r.seconds
                     e1 = float(mtre(r.T_optical_from_ct, case.T_gt, case.target_pts))
                     rows.append({"vertebra": case.vertebra, "view": case.view, "start": k, "variant": label, "initial_mtre_mm": e0,
-                                 "final_mtre_mm": e1, "seconds": r.seconds, "similarity": r.similarity})
-                    print(f"  {case.vertebra} {case.view:7s} start {k}: {label:16s} mTRE {e0:6.1f} -> {e1:6.1f} mm in {r.seconds:5.1f} s", flush=True)
+                                 "final_mtre_mm": e1, "seconds": seconds, "similarity": r.similarity})
+                    print(f"  {case.vertebra} {case.view:7s} start {k}: {label:16s} mTRE {e0:6.1f} -> {e1:6.1f} mm in {seconds:5.1f} s", flush=True)
                     res_path.write_text(json.dumps({"rows": rows}, indent=1))
     meta = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU", "date": time.strftime("%Y-%m-%d"),
             "command": "python -m reg2d3d_ros.eval.run_intensity " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "vertebrae": list(verts), "views": list(views), "starts": args.starts, "seconds": round(time.time() - t_all)}
+            "vertebrae": list(verts), "views": list(views), "starts": args.starts, "seconds": round(time.time() - t_all), "learned": learned_meta}
     (write_recover_report if args.protocol == "recover" else write_report)(args.out, rows, meta)
     print(f"wrote {args.out / ('report.md' if args.protocol == 'seed' else 'report_recover.md')}")
     return 0

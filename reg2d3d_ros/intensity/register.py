@@ -54,6 +54,7 @@ from ..drr import DRRRenderer, downsample
 from ..errors import ConfigError, ImageError
 from ..geometry.camera import CArmIntrinsics
 from ..geometry.se3 import make_transform, so3_exp
+from .learned import LEARNED
 from .metrics import get_metric, multiscale_ncc
 
 OPTIMIZERS = ("adam", "sgd")
@@ -85,7 +86,9 @@ class IntensityConfig:
     Attributes
     ----------
     metric : str
-        Similarity: ``"ncc"``, ``"gc"`` or ``"mncc"`` (see :mod:`.metrics`).
+        Similarity: ``"ncc"``, ``"gc"`` or ``"mncc"`` (see :mod:`.metrics`), or ``"learned"``
+        (the registrator's :attr:`IntensityRegistrator.learned` model, :mod:`.learned`; it sees
+        the whole frame, so ``mask_margin_mm`` does not apply to it).
     mncc_grid : tuple of int
         Patches per side of each scale of ``mncc``.
     mask_margin_mm : float or None
@@ -160,7 +163,8 @@ class IntensityConfig:
     seed: int = 0
 
     def __post_init__(self):
-        get_metric(self.metric)  # ConfigError for an unknown name
+        if self.metric != LEARNED:
+            get_metric(self.metric)  # ConfigError for an unknown name
         n = len(self.levels)
         if n == 0 or any(not (s > 0) for s in self.levels):
             raise ConfigError(f"levels must be a non-empty tuple of positive resolution factors, got {self.levels}")
@@ -276,10 +280,13 @@ class IntensityRegistrator:
         Geometry and similarity dtype (float64 recommended); the renderer uses float32.
     device : torch.device or str, optional
         Device of the renderer's volume (default: CPU).
+    learned : LearnedSimilarity, optional
+        Model of ``metric="learned"`` (moved to ``device``); it can also be set later as
+        :attr:`learned`.
     """
 
     def __init__(self, roi, region: np.ndarray | None = None, config: IntensityConfig = IntensityConfig(),
-                 floor_hu: float | None = None, drr_step_mm: float | None = None, dtype=torch.float64, device=None):
+                 floor_hu: float | None = None, drr_step_mm: float | None = None, dtype=torch.float64, device=None, learned=None):
         from ..ppc.register import BONE_FLOOR_HU, target_attenuation
 
         self.config = config
@@ -294,6 +301,8 @@ class IntensityRegistrator:
         step = 2.0 * float(roi.spacing_mm.min()) if drr_step_mm is None else float(drr_step_mm)
         self.renderer = DRRRenderer(torch.from_numpy(mu).to(device), tight.T_ct_from_ijk, step_mm=step)
         self.device = self.renderer.device
+        #: The learned similarity of ``metric="learned"`` (:class:`.learned.LearnedSimilarity`) or None.
+        self.learned = None if learned is None else learned.to(self.device)
         # attenuation-weighted centroid of the target: the rotation centre of the pose updates
         kji = np.argwhere(mu > 1e-6)
         wts = mu[kji[:, 0], kji[:, 1], kji[:, 2]].astype(np.float64)
@@ -332,6 +341,11 @@ class IntensityRegistrator:
     def metric(self, config: IntensityConfig | None = None):
         """The similarity callable of a configuration: ``(moving (B, h, w), fixed (h, w)) -> (B,)``."""
         cfg = config or self.config
+        if cfg.metric == LEARNED:
+            if self.learned is None:
+                raise ConfigError("metric 'learned' needs a learned similarity model (none is loaded; "
+                                  "train one with python -m reg2d3d_ros.train_similarity)")
+            return self.learned
         fn = get_metric(cfg.metric)
         return partial(multiscale_ncc, grid=tuple(cfg.mncc_grid)) if fn is multiscale_ncc else fn
 

@@ -1,5 +1,5 @@
 """Networks (pure PyTorch, no torchvision): the SCR U-Net, the pose-regression baseline, the
-PPC-L correspondence-weighting PointNet, complexity counts.
+PPC-L correspondence-weighting PointNet, the learned similarity, complexity counts.
 
 Tensors are batch-first ``(B, C, H, W)`` float32 images; outputs follow the input's device and dtype.
 """
@@ -7,6 +7,7 @@ Tensors are batch-first ``(B, C, H, W)`` float32 images; outputs follow the inpu
 from .complexity import count_macs, count_parameters
 from .pointnet import CorrespondenceWeightNet, modified_softsign
 from .posenet import PoseRegressionNet
+from .similarity import SimilarityNet
 from .unet import UNet
 
-__all__ = ["CorrespondenceWeightNet", "modified_softsign", "PoseRegressionNet", "UNet", "count_macs", "count_parameters"]
+__all__ = ["CorrespondenceWeightNet", "modified_softsign", "PoseRegressionNet", "SimilarityNet", "UNet", "count_macs", "count_parameters"]
