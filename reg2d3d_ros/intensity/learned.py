@@ -292,10 +292,8 @@ class LearnedSimilarity:
     def save(self, path) -> None:
         """Write the model file (plain tensors and JSON, ``weights_only`` loadable)."""
         sd = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
-        arch = {"input_size": self.net.input_size, "channels": self.net.encoder[2].out_channels,
-                "coupling_blocks": len(self.net.local.blocks), "heads": self.net.glob.heads}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"format": FORMAT, "version": VERSION, "arch_json": json.dumps(arch), "meta_json": json.dumps(self.meta), "state_dict": sd}, Path(path))
+        torch.save({"format": FORMAT, "version": VERSION, "arch_json": json.dumps(self.net.arch), "meta_json": json.dumps(self.meta), "state_dict": sd}, Path(path))
 
     @classmethod
     def load(cls, path, device=None) -> "LearnedSimilarity":

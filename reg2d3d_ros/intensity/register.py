@@ -238,6 +238,11 @@ class IntensityResult:
     history: list = field(default_factory=list)
 
 
+def _mask_margin(cfg: IntensityConfig) -> float | None:
+    """Footprint margin of a configuration; None (no mask, no render for it) for the learned metric, which sees the whole frame."""
+    return None if cfg.metric == LEARNED else cfg.mask_margin_mm
+
+
 def perturb_about(xi: torch.Tensor, center_opt_mm: torch.Tensor) -> torch.Tensor:
     """Motions ``P(xi) = Tr(c + v) R(w) Tr(-c)`` in the optical frame.
 
@@ -363,7 +368,7 @@ class IntensityRegistrator:
         T = T if T.ndim == 3 else T[None]
         with torch.no_grad():
             drr = self.render(T, intr).to(self.dtype)
-            mask = self.footprint_mask(T, intr, cfg.mask_margin_mm, drr=drr)
+            mask = self.footprint_mask(T, intr, _mask_margin(cfg), drr=drr)
             return self.metric(cfg)(drr, fixed, mask=mask)
 
     def footprint_mask(self, T_optical_from_ct: torch.Tensor, intrinsics: CArmIntrinsics, margin_mm: float | None,
@@ -498,7 +503,7 @@ class IntensityRegistrator:
     def _ascend(self, T_base: torch.Tensor, fixed, intr, metric, cfg: IntensityConfig, li: int):
         """Gradient ascent at one level; returns the best pose and a summary."""
         center = self._center_opt(T_base).detach()
-        mask = self.footprint_mask(T_base, intr, cfg.mask_margin_mm)
+        mask = self.footprint_mask(T_base, intr, _mask_margin(cfg))
         metric = metric if mask is None else partial(metric, mask=mask)
         w = torch.zeros(3, dtype=self.dtype, device=self.device, requires_grad=True)
         v = torch.zeros(3, dtype=self.dtype, device=self.device, requires_grad=True)
@@ -542,7 +547,7 @@ class IntensityRegistrator:
         from cmaes import CMA
 
         center = self._center_opt(T_base).detach()
-        mask = self.footprint_mask(T_base, intr, cfg.mask_margin_mm)
+        mask = self.footprint_mask(T_base, intr, _mask_margin(cfg))
         metric = metric if mask is None else partial(metric, mask=mask)
         free = [k for k in range(6) if cfg.dof[k]]
         scale = torch.tensor([cfg.cmaes_sigma_rot_rad] * 3 + [cfg.cmaes_sigma_trans_mm] * 3, dtype=self.dtype, device=self.device)[free]

@@ -158,6 +158,8 @@ class SimilarityNet(nn.Module):
         if input_size % 8:
             raise ValueError(f"input_size must be a multiple of 8, got {input_size}")
         self.input_size = int(input_size)
+        #: constructor arguments (saved with the model)
+        self.arch = {"input_size": int(input_size), "channels": int(channels), "coupling_blocks": int(coupling_blocks), "heads": int(heads)}
         c = int(channels)
         self.encoder = nn.Sequential(nn.Conv2d(1, c // 2, 3, stride=2, padding=1), nn.LeakyReLU(0.1),
                                      nn.Conv2d(c // 2, c, 3, stride=2, padding=1), nn.LeakyReLU(0.1),
