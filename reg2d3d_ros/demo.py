@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--objects", default="wire", choices=["none", "wire", "screw", "both"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rate", type=float, default=1.0, help="replay rate (1 = real time, 15 frames/s)")
+    ap.add_argument("--lockstep", action="store_true",
+                    help="send each frame after the node's pose of the previous one (every frame answered, whatever the load)")
     return ap
 
 
@@ -107,7 +109,7 @@ def run(args) -> Path:
             raise Reg2D3DError(f"no SCR model in {models}: create one with python -m reg2d3d_ros.prepare, or use --init ground-truth")
         params["models_dir"] = models
     got = run_bag_through_node(bag, params, T_gt[0] if args.init == "ground-truth" else None, out, rate=args.rate, n_frames=len(seq),
-                               log=lambda m: print(m, flush=True))
+                               log=lambda m: print(m, flush=True), lockstep=args.lockstep)
     poses, n_tf, overlays, diag = got["poses"], got["tf_messages"], got["overlays"], got["diagnostics"]
 
     print("[5/5] scoring the node's poses against the ground truth; writing overlays and the plot", flush=True)

@@ -39,7 +39,7 @@ from tf2_msgs.msg import TFMessage  # noqa: E402
 
 from .errors import Reg2D3DError  # noqa: E402
 from .geometry.se3 import pose_m_to_transform, transform_to_pose_m  # noqa: E402
-from .ros.lifecycle import exit_status, init_ros, shutdown_ros  # noqa: E402
+from .ros.lifecycle import enable_stack_dumps, exit_status, init_ros, shutdown_ros  # noqa: E402
 from .pipeline import INTENSITY_STAGES, TRACKERS, TRACKING, WAITING_FOR_CT, PipelineConfig, RegistrationPipeline  # noqa: E402
 
 #: (name, default, description, unit, range (lo, hi) or choices, read_only)
@@ -322,6 +322,7 @@ class RegistrationNode(Node):
 
 def main(argv=None) -> int:
     """Entry point (``python -m reg2d3d_ros.registration_node --ros-args ...``)."""
+    enable_stack_dumps()
     stop = init_ros(argv if argv is not None else sys.argv)
     node = None
     rc = 0

@@ -9,15 +9,13 @@ but whatever arrives must be complete and byte-exact, and large frames must not 
 (which is what happens to fragmented best-effort samples over plain UDP).
 """
 
-import random
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
 
-from ros_graph import REPO, TestGraph, graph_env
+from ros_graph import TestGraph, graph_env, run_tool
 
 
 @pytest.mark.parametrize("qos_name", ["reliable", "sensor"])
@@ -38,14 +36,14 @@ def test_1024_mono16_at_30hz_arrives_complete(tmp_path, qos_name):
         stamps_ns=DEFAULT_START_NS + np.arange(n, dtype=np.int64) * (10**9 // 30),
     )
     bag = write_sequence_bag(seq, tmp_path / "big")
-    env = graph_env(tmp_path, random.randint(101, 230))
+    env = graph_env(tmp_path)
     g = TestGraph(env)
     try:
         qos = qos_profile_sensor_data if qos_name == "sensor" else QoSProfile(depth=100)
         got = g.subscribe(Image, "/carm/image", qos)
-        res = subprocess.run(
+        res = run_tool(
             [sys.executable, "-m", "reg2d3d_ros.replay", str(bag), "--topics", "/carm/image", "--qos", qos_name, "--wait-subscribers", "1"],
-            env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
+            env, timeout=120,
         )
         assert res.returncode == 0, res.stderr
         time.sleep(1.0)

@@ -7,16 +7,18 @@ overload, and interleaved with bad inputs.
 
 from __future__ import annotations
 
-import random
+import signal
 import subprocess
 import sys
+import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from ros_graph import REPO, TestGraph, graph_env, image_msg, last_diagnostics, pose_msg, sequence_frame_msg, start_node, stop_process
+from ros_graph import REPO, TestGraph, graph_env, image_msg, last_diagnostics, pose_msg, process_report, run_tool, sequence_frame_msg, start_node, stop_process
 
 N_FRAMES = 12
 
@@ -69,13 +71,14 @@ class NodeUnderTest:
         from geometry_msgs.msg import PoseStamped
         from tf2_msgs.msg import TFMessage
 
-        self.env = graph_env(tmp_path, random.randint(101, 230))
+        self.env = graph_env(tmp_path)
         p = dict(params)
         p["diagnostics_period"] = 0.2
         p.update(extra or {})
         self.proc = start_node(self.env, p, tmp_path / "node.log")
         self.log = tmp_path / "node.log"
         self.g = TestGraph(self.env)
+        self.g.explain.append(lambda: process_report(self.proc, self.log))
         self.poses = self.g.subscribe(PoseStamped, "/registration/pose")
         self.tf = self.g.subscribe(TFMessage, "/tf")
         self.diag = self.g.subscribe(DiagnosticArray, "/diagnostics")
@@ -98,7 +101,8 @@ class NodeUnderTest:
 
     def close(self):
         self.g.close()
-        stop_process(self.proc)
+        if not stop_process(self.proc):
+            warnings.warn(f"the node did not exit within 10 s of SIGINT (killed): {process_report(self.proc, self.log)}")
 
 
 @pytest.fixture
@@ -191,14 +195,17 @@ def test_replay_tool_feeds_the_node_and_recorder_writes_outputs(sim_bag, node_fa
     before = len(n.poses)  # published before the recorder existed
     rec = subprocess.Popen([sys.executable, "-m", "reg2d3d_ros.record", str(rec_bag), "--topics", "/registration/pose", "/tf", "--duration", "120"],
                            env=n.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # the recorder's subscriptions exist on the graph (the test's own are the first one of each)
-    n.g.wait_for(lambda: n.g.node.count_subscribers("/registration/pose") >= 2 and n.g.node.count_subscribers("/tf") >= 2, 30.0,
-                 "recorder subscriptions")
-    time.sleep(1.0)  # and match the node's publishers
+    rec_lines = []
+    reader = threading.Thread(target=lambda: rec_lines.extend(iter(rec.stdout.readline, "")), daemon=True)
+    reader.start()
+    # the recorder's subscriptions are matched to the node's publishers (it says so)
+    n.g.wait_for(lambda: any("all topics matched" in line for line in list(rec_lines)) or rec.poll() is not None, 60.0,
+                 "the recorder's subscriptions matched")
+    assert rec.poll() is None, "".join(rec_lines)
+    time.sleep(0.5)  # the publishers' side of the match
     # replay at a fifth of real time (a frame every 0.33 s): the tracker keeps up with it
-    res = subprocess.run([sys.executable, "-m", "reg2d3d_ros.replay", str(sim_bag["path"]), "--rate", "0.2", "--qos", "sensor",
-                          "--exclude", "/carm/ground_truth_pose", "--wait-subscribers", "1"],
-                         env=n.env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    res = run_tool([sys.executable, "-m", "reg2d3d_ros.replay", str(sim_bag["path"]), "--rate", "0.2", "--qos", "sensor",
+                    "--exclude", "/carm/ground_truth_pose", "--wait-subscribers", "1"], n.env, timeout=120)
     assert res.returncode == 0, res.stderr
     assert f"replayed {3 * N_FRAMES - N_FRAMES} messages" in res.stdout
     # newest frame wins: a loaded machine drops frames, so ask for a quarter of them, with time to spare
@@ -210,11 +217,30 @@ def test_replay_tool_feeds_the_node_and_recorder_writes_outputs(sim_bag, node_fa
     replayed = got[before:]
     assert set(got) <= bag_stamps and len(set(replayed)) == len(replayed)
     rec.send_signal(2)
-    out, _ = rec.communicate(timeout=30)
+    try:
+        rec.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        rec.send_signal(signal.SIGUSR1)  # the recorder prints its threads' stacks
+        time.sleep(1.0)
+        rec.kill()
+        rec.wait()
+        reader.join(timeout=5)
+        pytest.fail(f"the recorder did not exit within 30 s of SIGINT; its output and stacks:\n{''.join(rec_lines)[-6000:]}")
+    reader.join(timeout=5)
+    out = "".join(rec_lines)
     assert rec.returncode == 0, out
+    from rclpy.serialization import deserialize_message
+    from geometry_msgs.msg import PoseStamped
+
     with Reader(rec_bag) as r:
         counts = {c.topic: c.msgcount for c in r.connections}
-    assert counts["/registration/pose"] == len(n.poses) - before
+        rec_stamps = [(m.header.stamp.sec * 10**9 + m.header.stamp.nanosec, t) for c, t, raw in r.messages()
+                      if c.topic == "/registration/pose" for m in [deserialize_message(bytes(raw), PoseStamped)]]
+    # every pose the test saw after the recorder started is in the bag, in order
+    want = [(s, t_rx) for s, (t_rx, _) in zip(got[before:], n.poses[before:])]
+    assert [s for s, _ in rec_stamps] == [s for s, _ in want], (
+        f"recorded {len(rec_stamps)} poses, the test received {len(want)}; "
+        f"missing: {[(i, s) for i, (s, _) in enumerate(want) if s not in {x for x, _ in rec_stamps}]}; recorder output: {out}")
     assert counts["/tf"] >= len(n.poses) - before
 
 

@@ -213,6 +213,27 @@ def test_end_to_end_registration_from_5mm(tuning_lateral_case):
         assert r.inlier_fraction > 0.3 and r.iterations >= 3
 
 
+def test_moving_image_of_the_roi_shows_the_neighbours_and_still_registers(tuning_lateral_case):
+    from reg2d3d_ros.errors import ConfigError
+    from reg2d3d_ros.eval import mrpd
+    from reg2d3d_ros.ppc import PPCRegistrator
+
+    ct, case, reg = tuning_lateral_case
+    roi_reg = PPCRegistrator.from_ct(ct, "T7", moving="roi")
+    assert len(roi_reg.surface) == len(reg.surface)  # the same contour points (the target's)
+    K = case.intrinsics.K(torch.float64)
+    h, w = case.intrinsics.height, case.intrinsics.width
+    target = reg.renderer.render(case.T_gt[None], K, h, w).line_integral[0]
+    roi = roi_reg.renderer.render(case.T_gt[None], K, h, w).line_integral[0]
+    # more bone in view (neighbouring vertebrae, ribs), and all of the target's
+    assert float((roi > 1e-3).float().mean()) > 1.3 * float((target > 1e-3).float().mean())
+    assert float(roi.sum()) > float(target.sum())
+    r = roi_reg.register(case.image_att, case.intrinsics, case.T_gt)
+    assert float(mrpd(r.T_optical_from_ct, case.T_gt, case.target_pts)) < 1.0
+    with pytest.raises(ConfigError, match="moving"):
+        PPCRegistrator.from_ct(ct, "T7", moving="all")
+
+
 def test_tracking_follows_smooth_motion(tuning_lateral_case):
     from reg2d3d_ros.eval import mrpd
     from reg2d3d_ros.images import to_attenuation

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,10 +22,41 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[2]
 
 
+_USED_DOMAINS: set[int] = set()
+
+
+def _port_free(port: int) -> bool:
+    """True if a UDP socket can bind ``port`` now (no other socket holds it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.bind(("", port))
+            return True
+        except OSError:
+            return False
+
+
+def pick_domain_id() -> int:
+    """A ROS domain for one run: 1..101, not used before by this process, its discovery port free now.
+
+    Domains above 101 put Fast DDS's ports (``7400 + 250 * domain + ...``) inside Linux's
+    ephemeral range (32768-60999), where any socket of any process may hold them (the ROS 2
+    documentation's advice: 0-101). A domain is not reused within a process, so a late message
+    of an earlier run can never reach a later one; the discovery multicast port is checked free,
+    which also skips a domain another run on this machine is using.
+    """
+    candidates = [d for d in range(1, 102) if d not in _USED_DOMAINS]
+    random.shuffle(candidates)
+    for d in candidates:
+        if _port_free(7400 + 250 * d):
+            _USED_DOMAINS.add(d)
+            return d
+    raise RuntimeError("no free ROS domain in 1..101 (all used by this process or busy)")
+
+
 def graph_env(tmp_path: Path, domain_id: int | None = None) -> dict:
-    """Environment of a test's processes: its own domain, log folder and large-data transport."""
+    """Environment of a test's processes: its own domain (:func:`pick_domain_id`), log folder and large-data transport."""
     env = dict(os.environ)
-    env["ROS_DOMAIN_ID"] = str(domain_id if domain_id is not None else random.randint(101, 200))
+    env["ROS_DOMAIN_ID"] = str(domain_id if domain_id is not None else pick_domain_id())
     env["ROS_LOG_DIR"] = str(tmp_path / "ros_log")
     env["FASTDDS_BUILTIN_TRANSPORTS"] = "LARGE_DATA"
     env["PYTHONUNBUFFERED"] = "1"
@@ -40,15 +73,54 @@ def start_node(env: dict, params: dict, log_path: Path) -> subprocess.Popen:
     return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
 
 
-def stop_process(proc: subprocess.Popen) -> None:
-    """SIGINT, then kill if it does not exit."""
-    if proc.poll() is None:
-        proc.send_signal(2)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def run_tool(args: list, env: dict, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """``subprocess.run(args, capture_output=True, text=True)``; past ``timeout`` the tool prints its
+    threads' stacks (SIGUSR1, see :func:`..ros.lifecycle.enable_stack_dumps`), is killed, and a
+    ``TimeoutError`` carries its output."""
+    proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        proc.kill()
+        out, err = proc.communicate()
+        raise TimeoutError(f"{' '.join(map(str, args[1:4]))} ... did not finish within {timeout:g} s; "
+                           f"stdout:\n{out[-3000:]}\nstderr (with its stacks):\n{err[-8000:]}") from None
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def process_report(proc: subprocess.Popen, log_path: Path, lines: int = 40) -> str:
+    """Exit status and the last ``lines`` lines of a process's log (for a failure message)."""
+    rc = proc.poll()
+    state = "running" if rc is None else f"exited with {rc}"
+    try:
+        tail = Path(log_path).read_text(errors="replace").splitlines()[-lines:]
+    except OSError as e:
+        tail = [f"(log unreadable: {e})"]
+    return f"process {proc.pid} {state}; last lines of {log_path}:\n" + "\n".join("  | " + l for l in tail)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> bool:
+    """SIGINT; if the process has not exited after ``timeout`` s, dump its stacks (SIGUSR1) and kill it.
+
+    Returns
+    -------
+    bool
+        True if it exited on SIGINT.
+    """
+    if proc.poll() is not None:
+        return True
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)  # the project's processes print their threads' stacks (lifecycle.init_ros)
+        time.sleep(1.0)
+        proc.kill()
+        proc.wait()
+        return False
 
 
 class TestGraph:
@@ -72,6 +144,8 @@ class TestGraph:
         self.executor.add_node(self.node)
         self.lock = threading.Lock()
         self.received = {}
+        #: callables whose text is added to a timeout's message (e.g. the tail of a node's log)
+        self.explain = []
         self._stop = False
         self._thread = threading.Thread(target=self._spin, daemon=True)
         self._thread.start()
@@ -114,7 +188,21 @@ class TestGraph:
             if value:
                 return value
             time.sleep(0.02)
-        raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        raise TimeoutError(f"timed out after {timeout} s waiting for {what}\n{self.describe()}")
+
+    def describe(self) -> str:
+        """What this participant sees of the graph, and the ``explain`` texts (for a failure message)."""
+        lines = [f"domain {self.context.get_domain_id()}: nodes seen {sorted(self.node.get_node_names())}"]
+        with self.lock:
+            counts = {t: len(box) for t, box in self.received.items()}
+        for topic, n in counts.items():
+            lines.append(f"  {topic}: {self.node.count_publishers(topic)} publisher(s), {n} message(s) received")
+        for fn in self.explain:
+            try:
+                lines.append(str(fn()))
+            except Exception as e:  # a description must not hide the timeout
+                lines.append(f"(explain failed: {e})")
+        return "\n".join(lines)
 
     def close(self):
         import rclpy

@@ -12,16 +12,26 @@ transport (eProsima/Fast-DDS#2010: ``TCPTransportInterface::clean()`` waits on a
 timeout; :func:`exit_status` then ends the process with ``os._exit`` (after flushing output),
 since the interpreter's own exit would wait on the same teardown. Everything the process must
 keep (a bag being recorded) is closed *before* the teardown.
+
+SIGUSR1 makes these processes print every thread's Python stack to stderr (``faulthandler``):
+the tests send it to a process that does not stop in time, so that a hang explains itself.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import sys
 import threading
 
 _TEARDOWN_HUNG = False
+
+
+def enable_stack_dumps() -> None:
+    """SIGUSR1 prints every thread's Python stack to stderr (call first thing in ``main``)."""
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def init_ros(args: list[str] | None = None) -> threading.Event:
@@ -49,6 +59,7 @@ def init_ros(args: list[str] | None = None) -> threading.Event:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _on_signal)
         signal.signal(signal.SIGTERM, _on_signal)
+    enable_stack_dumps()
     return stop
 
 

@@ -82,12 +82,16 @@ def record(args) -> int:
                     stop[0] = True
             return cb
 
-        for name, mt in topics.items():
-            node.create_subscription(message_class(mt), name, make_cb(name), qos, raw=True)
+        subs = [node.create_subscription(message_class(mt), name, make_cb(name), qos, raw=True) for name, mt in topics.items()]
+        print(f"recording {len(topics)} topic(s) to {args.out}", flush=True)
+        matched = False
         t_end = time.monotonic() + args.duration if args.duration > 0 else None
         try:
             while not stop[0] and not stop_event.is_set() and (t_end is None or time.monotonic() < t_end):
                 rclpy.spin_once(node, timeout_sec=0.1)
+                if not matched and all(s.get_publisher_count() > 0 for s in subs):
+                    matched = True  # every topic has a publisher connected: from now on nothing is missed
+                    print("all topics matched to a publisher", flush=True)
         except BaseException:
             shutdown_ros(node)
             raise
@@ -99,8 +103,9 @@ def record(args) -> int:
 def main(argv=None) -> int:
     """Entry point."""
     from ..errors import run_cli
-    from .lifecycle import exit_status
+    from .lifecycle import enable_stack_dumps, exit_status
 
+    enable_stack_dumps()
     args = build_parser().parse_args(argv)
 
     def body():

@@ -4,11 +4,20 @@ Messages are published as recorded (their serialized CDR bytes, headers untouche
 real message classes' publishers, in recording order, at the recorded pace divided by
 ``--rate`` (``--rate 0``: as fast as possible). Topics can be selected and remapped.
 
+``--lockstep /registration/pose`` replays in lock-step instead: after each message of
+``--lockstep-on`` (default ``/carm/image``) it waits until the node is done with it before going
+on: a new message on the answer topic, or (for a frame that gets no pose: judged lost or
+rejected) ``/diagnostics`` counting it (``frames_processed + frames_dropped`` reaching the
+frames sent), or ``--lockstep-timeout`` (the frame then counts as unanswered). Every frame is
+then processed, whatever the machine's speed: for evaluations and demos that must not depend on
+load, where the real-time replay measures what a loaded node drops.
+
 Usage::
 
     python -m reg2d3d_ros.replay BAG [--rate 1.0] [--topics /carm/image /carm/camera_info]
                                     [--remap /carm/image:=/other/image] [--wait-subscribers 1]
                                     [--qos reliable|sensor] [--loop]
+                                    [--lockstep /registration/pose [--lockstep-timeout 30]]
 """
 
 from __future__ import annotations
@@ -42,11 +51,24 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--wait-timeout", type=float, default=30.0, help="seconds to wait for subscribers")
     ap.add_argument("--start-delay", type=float, default=0.0, help="seconds to sleep before the first message")
     ap.add_argument("--loop", action="store_true")
+    ap.add_argument("--lockstep", default=None, metavar="TOPIC[:=pkg/msg/Type]",
+                    help="after each --lockstep-on message, wait for a message on this topic (default type: the node's outputs)")
+    ap.add_argument("--lockstep-on", default="/carm/image", help="topic whose messages wait for an answer (default /carm/image)")
+    ap.add_argument("--lockstep-timeout", type=float, default=30.0, help="seconds to wait for each answer")
     return ap
 
 
-def replay(args) -> int:
-    """Publish the bag; returns the number of messages published."""
+#: Types of the answer topics ``--lockstep`` knows without ``:=pkg/msg/Type``.
+ANSWER_TYPES = {
+    "/registration/pose": "geometry_msgs/msg/PoseStamped",
+    "/tf": "tf2_msgs/msg/TFMessage",
+    "/registration/overlay": "sensor_msgs/msg/Image",
+    "/diagnostics": "diagnostic_msgs/msg/DiagnosticArray",
+}
+
+
+def replay(args) -> tuple[int, int]:
+    """Publish the bag; returns the number of messages published and of lock-step messages left unanswered."""
     import rclpy
     from rclpy.qos import QoSProfile, qos_profile_sensor_data
     from rosbags.rosbag2 import Reader
@@ -62,11 +84,37 @@ def replay(args) -> int:
         reader.open()
     except Exception as exc:  # rosbags' own error types
         raise Reg2D3DError(f"cannot open bag {args.bag}: {exc}") from None
+    answer_topic = answer_type = None
+    if args.lockstep:
+        answer_topic, _, answer_type = args.lockstep.partition(":=")
+        answer_type = answer_type or ANSWER_TYPES.get(answer_topic)
+        if not answer_type:
+            reader.close()
+            raise Reg2D3DError(f"type of topic {answer_topic} unknown: give it as --lockstep {answer_topic}:=pkg/msg/Type")
     stop_event = init_ros()
     node = rclpy.create_node("reg2d3d_replay")
     qos = qos_profile_sensor_data if args.qos == "sensor" else QoSProfile(depth=100)
     pubs = {}
+    answers = [0]
+    progress = [None]  # the node's frames_processed + frames_dropped, from /diagnostics
+    unanswered = 0
     try:
+        if answer_topic:
+            def on_answer(_raw):
+                answers[0] += 1
+
+            def on_diagnostics(msg):
+                for st in msg.status:
+                    kv = {v.key: v.value for v in st.values}
+                    if "frames_processed" in kv:
+                        try:
+                            done = int(kv["frames_processed"]) + int(kv.get("frames_dropped", 0))
+                        except ValueError:
+                            continue
+                        progress[0] = max(done, progress[0] or 0)
+
+            node.create_subscription(message_class(answer_type), answer_topic, on_answer, QoSProfile(depth=100), raw=True)
+            node.create_subscription(message_class("diagnostic_msgs/msg/DiagnosticArray"), "/diagnostics", on_diagnostics, QoSProfile(depth=100))
         conns = [c for c in reader.connections if (args.topics is None or c.topic in args.topics) and c.topic not in args.exclude]
         if not conns:
             raise Reg2D3DError(f"bag {args.bag} has none of the requested topics")
@@ -79,6 +127,18 @@ def replay(args) -> int:
                 if time.monotonic() > deadline:
                     raise Reg2D3DError("timed out waiting for subscribers")
                 rclpy.spin_once(node, timeout_sec=0.05)
+        if answer_topic:  # the answer's publisher (the node) must be matched before the first message
+            deadline = time.monotonic() + args.wait_timeout
+            while node.count_publishers(answer_topic) < 1:
+                if time.monotonic() > deadline:
+                    raise Reg2D3DError(f"timed out waiting for a publisher of {answer_topic} (--lockstep)")
+                rclpy.spin_once(node, timeout_sec=0.05)
+            # and the node's frame count, if it publishes diagnostics (periodically)
+            t_match = time.monotonic() + 3.0
+            while time.monotonic() < t_match and progress[0] is None:
+                rclpy.spin_once(node, timeout_sec=0.05)
+        baseline = progress[0]
+        sent = 0
         time.sleep(args.start_delay)
         n = 0
         while True:
@@ -93,13 +153,30 @@ def replay(args) -> int:
                     delay = due - time.monotonic()
                     if delay > 0:
                         stop_event.wait(delay)
+                before = answers[0]
                 pubs[conn.topic].publish(bytes(raw))
                 n += 1
+                if answer_topic and conn.topic == args.lockstep_on:
+                    sent += 1
+                    deadline = time.monotonic() + args.lockstep_timeout
+
+                    def done():
+                        return answers[0] > before or (baseline is not None and progress[0] >= baseline + sent)
+
+                    while not done() and time.monotonic() < deadline and not stop_event.is_set():
+                        rclpy.spin_once(node, timeout_sec=0.02)
+                    if not done():
+                        unanswered += 1
+                    if t_bag0 is not None:  # the pace restarts after the answer
+                        t_bag0, t_wall0 = t_ns, time.monotonic()
             if not args.loop:
                 break
         # give the middleware a moment to deliver the last messages
         time.sleep(0.2)
-        return n
+        if unanswered:
+            print(f"warning: {unanswered} message(s) on {args.lockstep_on} got no answer on {answer_topic} "
+                  f"within {args.lockstep_timeout:g} s", file=sys.stderr)
+        return n, unanswered
     finally:
         reader.close()
         shutdown_ros(node)
@@ -108,13 +185,15 @@ def replay(args) -> int:
 def main(argv=None) -> int:
     """Entry point."""
     from ..errors import run_cli
-    from .lifecycle import exit_status
+    from .lifecycle import enable_stack_dumps, exit_status
 
+    enable_stack_dumps()
     args = build_parser().parse_args(argv)
 
     def body():
-        n = replay(args)
-        print(f"replayed {n} messages from {args.bag}")
+        n, unanswered = replay(args)
+        extra = f" (lock-step on {args.lockstep.partition(':=')[0]}: {unanswered} unanswered)" if args.lockstep else ""
+        print(f"replayed {n} messages from {args.bag}{extra}")
 
     return exit_status(run_cli(body, "python -m reg2d3d_ros.replay"))
 

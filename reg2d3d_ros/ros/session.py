@@ -5,17 +5,16 @@ Used by the demo (README command 1). Imports rclpy: this is the ROS layer, not t
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from ..errors import Reg2D3DError
-from .graph import TestGraph, graph_env, last_diagnostics, pose_msg, start_node, stop_process
+from .graph import TestGraph, graph_env, last_diagnostics, pose_msg, run_tool, start_node, stop_process
 
 
 def run_bag_through_node(bag: Path, params: dict, T_initial_mm, out: Path, rate: float = 1.0, n_frames: int = 0,
-                         log=print, ready_timeout_s: float = 120.0) -> dict:
+                         log=print, ready_timeout_s: float = 120.0, lockstep: bool = False) -> dict:
     """Start the node, publish an initial pose (or let it initialise itself), replay ``bag`` into it and collect its outputs.
 
     Parameters
@@ -33,6 +32,9 @@ def run_bag_through_node(bag: Path, params: dict, T_initial_mm, out: Path, rate:
         Replay rate (1 = recorded pace).
     n_frames : int
         Frames in the bag (to wait for the node to finish the last ones).
+    lockstep : bool
+        Replay each frame only after the node's pose of the previous one (every frame answered,
+        whatever the machine's load); False: at ``rate``, the node dropping what it cannot keep up with.
 
     Returns
     -------
@@ -76,11 +78,15 @@ def run_bag_through_node(bag: Path, params: dict, T_initial_mm, out: Path, rate:
             time.sleep(0.5)
         else:
             log("[4/5] no initial pose: the node initialises itself (SCR-PnP, then PPC); replaying the bag")
-        res = subprocess.run(
-            [sys.executable, "-m", "reg2d3d_ros.replay", str(bag), "--rate", str(rate), "--qos", "sensor",
-             "--exclude", "/carm/ground_truth_pose", "--wait-subscribers", "1"],
-            env=env, capture_output=True, text=True, timeout=600,
-        )
+        try:
+            res = run_tool(
+                [sys.executable, "-m", "reg2d3d_ros.replay", str(bag), "--rate", str(rate), "--qos", "sensor",
+                 "--exclude", "/carm/ground_truth_pose", "--wait-subscribers", "1"]
+                + (["--lockstep", "/registration/pose", "--lockstep-timeout", "60"] if lockstep else []),
+                env, timeout=600 + (60 * n_frames if lockstep else 0), cwd=Path.cwd(),
+            )
+        except TimeoutError as exc:
+            raise Reg2D3DError(f"the replay did not finish: {exc}") from None
         if res.returncode != 0:
             raise Reg2D3DError(f"replay failed: {res.stderr.strip()}")
         log(f"      {res.stdout.strip()}")
