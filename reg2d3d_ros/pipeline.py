@@ -106,6 +106,10 @@ class PipelineConfig:
     intensity_budget_s : float
         Wall-time budget of the CMA-ES part of each recovery/refinement, seconds (the gradient
         part is bounded by its iteration counts).
+    moving_image : str
+        What PPC's moving image shows (:meth:`~reg2d3d_ros.ppc.PPCRegistrator.from_ct`):
+        ``target`` (the target's bone only) or ``roi`` (all bone of the crop around it). The
+        learned trackers were trained with ``target``.
     """
 
     ct_path: str = ""
@@ -123,6 +127,7 @@ class PipelineConfig:
     recover: str = "off"
     refine: str = "off"
     intensity_budget_s: float = 2.0
+    moving_image: str = "target"
 
 
 @dataclass
@@ -220,7 +225,7 @@ class RegistrationPipeline:
                 raise ModelLoadError(f"tracker {cfg.tracker!r} needs PPC-L networks for the levels {sorted(set(missing))}; "
                                      f"{cfg.models_dir}/ppcl.pt has {list(learned.levels)} (train them with python -m reg2d3d_ros.train_ppcl --levels ...)")
         flow = load_ppcflow(cfg.models_dir, cfg.backend, cfg.device) if cfg.tracker == "ppc_flow_plus" else None
-        self.registrator = PPCRegistrator.from_ct(ct, cfg.target, learned=learned, flow=flow)
+        self.registrator = PPCRegistrator.from_ct(ct, cfg.target, learned=learned, flow=flow, moving=cfg.moving_image)
         self.scr = load_scr(cfg.models_dir, cfg.backend, cfg.device)
         if cfg.recover != "off" or cfg.refine != "off":
             from .intensity import IntensityRegistrator

@@ -61,6 +61,8 @@ PARAMETERS = [
      "(this similarity, gradient ascent + CMA-ES) from the last good pose before PPC; learned: the learned similarity, similarity.pt in models_dir; learned_gc: learned, then gc; off: PPC from the last good pose", "", INTENSITY_STAGES, True),
     ("refine", "off", "refinement of every initial pose (SCR-PnP or initial_pose) by intensity-based registration (this similarity, gradient + CMA-ES) "
      "before PPC (learned: similarity.pt in models_dir)", "", INTENSITY_STAGES, True),
+    ("moving_image", "target", "what PPC's moving image (the DRR whose edges are matched) shows: target (the target's bone only) or roi (all bone "
+     "of the crop around it, neighbours included: reports/ppc_roi/report.md); the learned trackers were trained with target", "", ("target", "roi"), True),
     ("intensity_budget_s", 2.0, "wall-time budget of the CMA-ES part of a recovery or refinement", "s", (0.0, 60.0), True),
     ("ct_frame", "ct", "TF child frame of the CT", "", None, True),
     ("image_topic", "/carm/image", "input frames (sensor_msgs/Image: mono8, mono16, 32FC1)", "", None, True),
@@ -107,7 +109,7 @@ class RegistrationNode(Node):
                 intensity=p["intensity"], tracker=p["tracker"], lost_inlier_fraction=p["lost_inlier_fraction"],
                 lost_relative_fraction=p["lost_relative_fraction"],
                 min_correspondences=p["min_correspondences"], models_dir=p["models_dir"], backend=p["backend"], device=p["device"],
-                recover=p["recover"], refine=p["refine"], intensity_budget_s=p["intensity_budget_s"],
+                recover=p["recover"], refine=p["refine"], intensity_budget_s=p["intensity_budget_s"], moving_image=p["moving_image"],
             )
         )
         self.add_on_set_parameters_callback(self._on_set_parameters)

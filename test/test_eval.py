@@ -109,3 +109,17 @@ def test_seed_like_starts_follow_the_seed_protocol():
     u = K[0, 0] * c[:, 0] / c[:, 2] + K[0, 2]
     assert bool(((u >= 0.1 * intr.width) & (u <= 0.9 * intr.width)).all())
     assert torch.equal(starts, seed_like_starts(T_gt, pts, intr, 60, seed=1))  # deterministic
+
+
+def test_tracking_evaluation_runs_the_node_pipeline_and_reports_each_sequence():
+    """evaluate_tracking (reg2d3d_ros.eval.run_ppc) end to end on one short sequence (was broken once)."""
+    from reg2d3d_ros.eval.run_ppc import evaluate_tracking
+    from reg2d3d_ros.example import load_example
+
+    ct = load_example()
+    rows = evaluate_tracking(ct, ("T10",), ("lateral",), n_frames=5, size=128, seed=9, progress=False, jump_frame=3, moving="roi")
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["vertebra"] == "T10" and r["frames"] == 5 and len(r["per_frame_mrpd_mm"]) == 5
+    assert 1 <= r["published"] <= 5 and r["published"] + r["judged_lost"] == 5
+    assert r["per_frame_mrpd_mm"][0] is not None and r["per_frame_mrpd_mm"][0] < 3.0  # frame 0 starts at its ground truth

@@ -67,21 +67,46 @@ class NodeUnderTest:
     """The node process plus a test-side participant with the node's outputs subscribed."""
 
     def __init__(self, tmp_path, params, extra=None):
-        from diagnostic_msgs.msg import DiagnosticArray
-        from geometry_msgs.msg import PoseStamped
-        from tf2_msgs.msg import TFMessage
-
         self.env = graph_env(tmp_path)
         p = dict(params)
         p["diagnostics_period"] = 0.2
         p.update(extra or {})
         self.proc = start_node(self.env, p, tmp_path / "node.log")
         self.log = tmp_path / "node.log"
+        self._connect()
+        self._await_discovery()
+
+    def _connect(self):
+        from diagnostic_msgs.msg import DiagnosticArray
+        from geometry_msgs.msg import PoseStamped
+        from tf2_msgs.msg import TFMessage
+
         self.g = TestGraph(self.env)
         self.g.explain.append(lambda: process_report(self.proc, self.log))
         self.poses = self.g.subscribe(PoseStamped, "/registration/pose")
         self.tf = self.g.subscribe(TFMessage, "/tf")
         self.diag = self.g.subscribe(DiagnosticArray, "/diagnostics")
+
+    def _await_discovery(self, timeout=30.0):
+        """Wait until the test participant sees the node on the graph.
+
+        In CI, a fresh test participant has (rarely: about once in 30 node starts, never in 57
+        isolated tries) not discovered a running, ready node in its domain for 60 s. Then a new
+        participant is created once, with a warning that carries what the first one saw (so the
+        failure stays visible); a second failure fails the test.
+        """
+        def seen():
+            return "registration_node" in self.g.node.get_node_names() or self.proc.poll() is not None
+
+        try:
+            self.g.wait_for(seen, timeout, "the node on the graph")
+            return
+        except TimeoutError as exc:
+            warnings.warn(f"DDS discovery: the test participant did not see the node within {timeout:g} s; "
+                          f"retrying with a new participant. {exc}")
+        self.g.close()
+        self._connect()
+        self.g.wait_for(seen, 60.0, "the node on the graph (second test participant)")
 
     def publishers(self):
         from geometry_msgs.msg import PoseStamped

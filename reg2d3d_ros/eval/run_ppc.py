@@ -95,7 +95,7 @@ def optimum_offsets(ct, cases, moving: str = "target") -> list:
 
 
 def evaluate_tracking(ct, vertebrae, views, n_frames: int, size: int, seed: int, progress: bool = True, jump_frame: int = 40,
-                      jump_mm: float = 15.0) -> list:
+                      jump_mm: float = 15.0, moving: str = "target") -> list:
     """Track simulated sequences through the node's pipeline, with one sudden jump.
 
     Each sequence is smooth motion (breathing + drift) with, at ``jump_frame``, a sudden
@@ -107,7 +107,7 @@ def evaluate_tracking(ct, vertebrae, views, n_frames: int, size: int, seed: int,
     > 2 mm: the safety number), whether the jump frame was caught, and update times.
     """
     from ..images import encode_image
-    from ..pipeline import INITIALISING, PipelineConfig, RegistrationPipeline
+    from ..pipeline import INITIALISING, PipelineConfig, RegistrationPipeline, tracker_configs
     from ..ppc import PPCRegistrator
     from ..sim import CArmSetup, XrayDegradation, make_trajectory, simulate_sequence, structure_center, view_pose, xray_renderer
     from ..volume import resolve_label
@@ -118,7 +118,7 @@ def evaluate_tracking(ct, vertebrae, views, n_frames: int, size: int, seed: int,
     rows = []
     k = 0
     for vert in vertebrae:
-        reg = PPCRegistrator.from_ct(ct, vert)
+        reg = PPCRegistrator.from_ct(ct, vert, moving=moving)
         pts = torch.from_numpy(ct.label_points_ct_mm([resolve_label(vert, ct.label_names)], max_points=1000, seed=0))
         center = structure_center(ct, vert)
         for view in views:
@@ -131,6 +131,7 @@ def evaluate_tracking(ct, vertebrae, views, n_frames: int, size: int, seed: int,
             seq = simulate_sequence(renderer, setup.intrinsics(), poses, XrayDegradation(), seed=s)
             pipe = RegistrationPipeline(PipelineConfig())
             pipe.registrator, pipe.state = reg, INITIALISING
+            pipe.register_config, pipe.track_config = tracker_configs(pipe.config.tracker)
             ci = setup.intrinsics().to_camera_info()
             pipe.set_camera_info(ci["k"], ci["width"], ci["height"])
             pipe.set_initial_pose(poses[0])
@@ -323,7 +324,8 @@ def _run(args, argv) -> int:
         cases = make_cases(ct, case_set, meta["n_starts"], max_mtre_mm=meta["max_mtre_mm"], setup=CArmSetup().at_size(meta["size"]))
         tracking = stored["tracking"]
         if args.only_tracking:
-            tracking = evaluate_tracking(ct, case_set.vertebrae, case_set.views, meta["track_frames"], meta["track_size"], case_set.seed + 500)
+            tracking = evaluate_tracking(ct, case_set.vertebrae, case_set.views, meta["track_frames"], meta["track_size"], case_set.seed + 500,
+                                         moving=meta.get("moving", "target"))
             meta["argv"] += " (tracking re-run with: " + " ".join(argv if argv is not None else sys.argv[1:]) + ")"
         write_report(args.out, meta, stored["registration"], tracking, optimum_offsets(ct, cases, moving=meta.get("moving", "target")))
         print(f"rewrote {args.out / 'report.md'}")
@@ -336,7 +338,8 @@ def _run(args, argv) -> int:
         configs["PPC, classic recipe (no anchor, no in-plane phase)"] = WANG_CONFIG
     reg = evaluate_registration(ct, cases, configs, moving=args.moving)
     optima = optimum_offsets(ct, cases, moving=args.moving)
-    tracking = [] if args.no_tracking else evaluate_tracking(ct, case_set.vertebrae, case_set.views, args.track_frames, args.track_size, case_set.seed + 500)
+    tracking = [] if args.no_tracking else evaluate_tracking(ct, case_set.vertebrae, case_set.views, args.track_frames, args.track_size,
+                                                             case_set.seed + 500, moving=args.moving)
     meta = {
         "argv": " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
