@@ -7,7 +7,6 @@ overload, and interleaved with bad inputs.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from ros_graph import REPO, TestGraph, graph_env, image_msg, last_diagnostics, pose_msg, process_report, run_tool, sequence_frame_msg, start_node, stop_process
+from ros_graph import REPO, TestGraph, dump_stacks_and_kill, graph_env, image_msg, last_diagnostics, pose_msg, process_report, run_tool, sequence_frame_msg, start_node, stop_process
 
 N_FRAMES = 12
 
@@ -245,9 +244,7 @@ def test_replay_tool_feeds_the_node_and_recorder_writes_outputs(sim_bag, node_fa
     try:
         rec.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        rec.send_signal(signal.SIGUSR1)  # the recorder prints its threads' stacks
-        time.sleep(1.0)
-        rec.kill()
+        dump_stacks_and_kill(rec)  # the recorder prints its threads' stacks
         rec.wait()
         reader.join(timeout=5)
         pytest.fail(f"the recorder did not exit within 30 s of SIGINT; its output and stacks:\n{''.join(rec_lines)[-6000:]}")

@@ -73,6 +73,14 @@ def start_node(env: dict, params: dict, log_path: Path) -> subprocess.Popen:
     return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
 
 
+def dump_stacks_and_kill(proc: subprocess.Popen) -> None:
+    """Ask a hung process of this project for its threads' stacks (SIGUSR1, see
+    :func:`..ros.lifecycle.enable_stack_dumps`; they go to its stderr), then kill it."""
+    proc.send_signal(signal.SIGUSR1)
+    time.sleep(1.0)
+    proc.kill()
+
+
 def run_tool(args: list, env: dict, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """``subprocess.run(args, capture_output=True, text=True)``; past ``timeout`` the tool prints its
     threads' stacks (SIGUSR1, see :func:`..ros.lifecycle.enable_stack_dumps`), is killed, and a
@@ -81,9 +89,7 @@ def run_tool(args: list, env: dict, timeout: float, cwd: Path = REPO) -> subproc
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGUSR1)
-        time.sleep(1.0)
-        proc.kill()
+        dump_stacks_and_kill(proc)
         out, err = proc.communicate()
         raise TimeoutError(f"{' '.join(map(str, args[1:4]))} ... did not finish within {timeout:g} s; "
                            f"stdout:\n{out[-3000:]}\nstderr (with its stacks):\n{err[-8000:]}") from None
@@ -116,9 +122,7 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> bool:
         proc.wait(timeout=timeout)
         return True
     except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGUSR1)  # the project's processes print their threads' stacks (lifecycle.init_ros)
-        time.sleep(1.0)
-        proc.kill()
+        dump_stacks_and_kill(proc)
         proc.wait()
         return False
 

@@ -59,7 +59,6 @@ def init_ros(args: list[str] | None = None) -> threading.Event:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _on_signal)
         signal.signal(signal.SIGTERM, _on_signal)
-    enable_stack_dumps()
     return stop
 
 

@@ -21,13 +21,6 @@ from pathlib import Path
 
 os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")  # before the RMW is loaded
 
-#: The node's outputs and the inputs worth keeping next to them.
-DEFAULT_TOPICS = {
-    "/registration/pose": "geometry_msgs/msg/PoseStamped",
-    "/tf": "tf2_msgs/msg/TFMessage",
-    "/diagnostics": "diagnostic_msgs/msg/DiagnosticArray",
-    "/registration/overlay": "sensor_msgs/msg/Image",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,14 +44,14 @@ def record(args) -> int:
 
     from ..errors import Reg2D3DError
     from .lifecycle import init_ros, shutdown_ros
-    from .replay import message_class
+    from .replay import NODE_OUTPUT_TYPES, TOPIC_TYPES, message_class
 
-    topics = dict(DEFAULT_TOPICS)
+    topics = dict(NODE_OUTPUT_TYPES)
     if args.topics:
         topics = {}
         for t in args.topics:
             name, _, msgtype = t.partition(":=")
-            msgtype = msgtype or DEFAULT_TOPICS.get(name) or {"/carm/image": "sensor_msgs/msg/Image", "/carm/camera_info": "sensor_msgs/msg/CameraInfo", "/carm/ground_truth_pose": "geometry_msgs/msg/PoseStamped", "/registration/initial_pose": "geometry_msgs/msg/PoseStamped"}.get(name)
+            msgtype = msgtype or TOPIC_TYPES.get(name)
             if not msgtype:
                 raise Reg2D3DError(f"type of topic {name} unknown: give it as {name}:=pkg/msg/Type")
             topics[name] = msgtype

@@ -58,12 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-#: Types of the answer topics ``--lockstep`` knows without ``:=pkg/msg/Type``.
-ANSWER_TYPES = {
+#: The node's outputs (``record``'s default topics) and their types.
+NODE_OUTPUT_TYPES = {
     "/registration/pose": "geometry_msgs/msg/PoseStamped",
     "/tf": "tf2_msgs/msg/TFMessage",
-    "/registration/overlay": "sensor_msgs/msg/Image",
     "/diagnostics": "diagnostic_msgs/msg/DiagnosticArray",
+    "/registration/overlay": "sensor_msgs/msg/Image",
+}
+
+#: Every topic of the node's interface and its type: what ``--lockstep`` and ``record --topics``
+#: know without ``:=pkg/msg/Type``.
+TOPIC_TYPES = {
+    **NODE_OUTPUT_TYPES,
+    "/carm/image": "sensor_msgs/msg/Image",
+    "/carm/camera_info": "sensor_msgs/msg/CameraInfo",
+    "/carm/ground_truth_pose": "geometry_msgs/msg/PoseStamped",
+    "/registration/initial_pose": "geometry_msgs/msg/PoseStamped",
 }
 
 
@@ -87,7 +97,7 @@ def replay(args) -> tuple[int, int]:
     answer_topic = answer_type = None
     if args.lockstep:
         answer_topic, _, answer_type = args.lockstep.partition(":=")
-        answer_type = answer_type or ANSWER_TYPES.get(answer_topic)
+        answer_type = answer_type or TOPIC_TYPES.get(answer_topic)
         if not answer_type:
             reader.close()
             raise Reg2D3DError(f"type of topic {answer_topic} unknown: give it as --lockstep {answer_topic}:=pkg/msg/Type")
