@@ -30,7 +30,7 @@ import math
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -87,6 +87,19 @@ class PipelineConfig:
         absolute level varies with the vertebra and view. The level survives a loss, so a
         re-initialisation that lands on a worse optimum (e.g. a neighbouring vertebra) is
         rejected too; a new initial pose or a reset clears it.
+    accept_inlier_fraction : float
+        A (re-)initialisation (a full PPC registration, not a tracking update) whose inlier
+        fraction is below this publishes nothing (``initialisation rejected``): a wrong optimum
+        (a neighbouring vertebra, a hidden contour) usually fits fewer correspondences than the
+        right one, and an unpublished frame is safer than a wrong pose. 0 disables it.
+    accept_gradient_correlation : float
+        Likewise for the gradient correlation of the moving image with the frame at the
+        registered pose (:func:`reg2d3d_ros.ppc.search.pose_gradient_correlation`, half
+        resolution): a check on the whole projected structure rather than on the correspondences
+        the registration optimised. 0 disables it. The default 0.3 was chosen on the tuning
+        cases with the ``roi`` moving image (it kept 92 of 93 right registrations at 256 and 512
+        pixels and rejected 45 of 57 wrong ones); the inlier fraction was not used
+        by default because its level depends on the frame size.
     min_correspondences : int
         A registration with fewer contour correspondences is judged lost.
     models_dir : str
@@ -108,8 +121,16 @@ class PipelineConfig:
         part is bounded by its iteration counts).
     moving_image : str
         What PPC's moving image shows (:meth:`~reg2d3d_ros.ppc.PPCRegistrator.from_ct`):
-        ``target`` (the target's bone only) or ``roi`` (all bone of the crop around it). The
-        learned trackers were trained with ``target``.
+        ``target`` (the target's bone only), ``roi`` (all bone of the crop around it, neighbours
+        included) or ``auto``: ``roi`` for the classic tracker (more successes, and what the
+        in-plane search and ``accept_gradient_correlation`` were chosen with:
+        reports/ppc_search/report.md), ``target`` for the learned ones (they were trained with it).
+    search_range_mm : float
+        Global in-plane search of every PPC registration (initialisation, re-initialisation;
+        not the per-frame tracking update): image-plane shifts up to this many mm at the
+        target's depth and rotations about the principal ray are scored by gradient correlation,
+        and PPC runs from the start and the best candidates (:mod:`reg2d3d_ros.ppc.search`).
+        0 disables it.
     """
 
     ct_path: str = ""
@@ -121,13 +142,16 @@ class PipelineConfig:
     lost_inlier_fraction: float = 0.3
     lost_relative_fraction: float = 0.85
     min_correspondences: int = 30
+    accept_inlier_fraction: float = 0.0
+    accept_gradient_correlation: float = 0.3
     models_dir: str = ""
     backend: str = "auto"
     device: str = "auto"
     recover: str = "off"
     refine: str = "off"
     intensity_budget_s: float = 2.0
-    moving_image: str = "target"
+    moving_image: str = "auto"
+    search_range_mm: float = 30.0
 
 
 @dataclass
@@ -181,6 +205,13 @@ class RegistrationPipeline:
                 raise ConfigError(f"{name} must be one of {', '.join(INTENSITY_STAGES)}, got {getattr(config, name)!r}")
         if not config.intensity_budget_s >= 0:
             raise ConfigError(f"intensity_budget_s must be >= 0, got {config.intensity_budget_s}")
+        ppc_configs(config)  # checks search_range_mm
+        if config.moving_image not in ("auto", "target", "roi"):
+            raise ConfigError(f"moving_image must be auto, target or roi, got {config.moving_image!r}")
+        if not 0.0 <= config.accept_inlier_fraction <= 1.0:
+            raise ConfigError(f"accept_inlier_fraction must be in [0, 1], got {config.accept_inlier_fraction}")
+        if not 0.0 <= config.accept_gradient_correlation <= 1.0:
+            raise ConfigError(f"accept_gradient_correlation must be in [0, 1], got {config.accept_gradient_correlation}")
         self.intensity = None  # intensity registrator of the recover/refine stages (set by load when one is on)
         self.config = config
         self.backend = ""
@@ -216,7 +247,7 @@ class RegistrationPipeline:
         if not cfg.labels_path:
             raise ConfigError("no label map given: set labels_path (the target structure is selected from it)")
         ct = load_ct(cfg.ct_path, labels_path=cfg.labels_path, label_table=cfg.label_table_path or None)
-        self.register_config, self.track_config = tracker_configs(cfg.tracker)
+        self.register_config, self.track_config = ppc_configs(cfg)
         learned = load_ppcl(cfg.models_dir, cfg.backend, cfg.device) if cfg.tracker.startswith("ppc_l") else None
         if learned is not None:
             missing = [lv for lv in self.register_config.learned_levels + self.track_config.learned_levels
@@ -225,7 +256,7 @@ class RegistrationPipeline:
                 raise ModelLoadError(f"tracker {cfg.tracker!r} needs PPC-L networks for the levels {sorted(set(missing))}; "
                                      f"{cfg.models_dir}/ppcl.pt has {list(learned.levels)} (train them with python -m reg2d3d_ros.train_ppcl --levels ...)")
         flow = load_ppcflow(cfg.models_dir, cfg.backend, cfg.device) if cfg.tracker == "ppc_flow_plus" else None
-        self.registrator = PPCRegistrator.from_ct(ct, cfg.target, learned=learned, flow=flow, moving=cfg.moving_image)
+        self.registrator = PPCRegistrator.from_ct(ct, cfg.target, learned=learned, flow=flow, moving=moving_image(cfg))
         self.scr = load_scr(cfg.models_dir, cfg.backend, cfg.device)
         if cfg.recover != "off" or cfg.refine != "off":
             from .intensity import IntensityRegistrator
@@ -357,9 +388,25 @@ class RegistrationPipeline:
                    f"level {reference:.2f} (sudden motion or occlusion)" if mode == "track" else
                    f"re-initialisation rejected: inlier fraction {result.inlier_fraction:.2f} below {cfg.lost_relative_fraction} x the "
                    f"level {reference:.2f} before the loss (wrong optimum?); publish an initial pose or call ~/reset")
+        gc = None
+        if mode != "track" and not why:
+            if result.inlier_fraction < cfg.accept_inlier_fraction:
+                why = (f"initialisation rejected: inlier fraction {result.inlier_fraction:.2f} < accept_inlier_fraction "
+                       f"{cfg.accept_inlier_fraction} (wrong optimum?); publish a better initial pose or call ~/reset")
+            elif cfg.accept_gradient_correlation > 0:
+                from .ppc.search import pose_gradient_correlation
+
+                gc = pose_gradient_correlation(self.registrator, image, intr, result.T_optical_from_ct)
+                if gc < cfg.accept_gradient_correlation:
+                    why = (f"initialisation rejected: gradient correlation {gc:.3f} < accept_gradient_correlation "
+                           f"{cfg.accept_gradient_correlation} (wrong optimum?); publish a better initial pose or call ~/reset")
         ok = not why
         details = {"mode": mode, "iterations": result.iterations, "correspondences": result.n_correspondences, "mean_ngc": result.mean_ngc,
                    "reference_inlier_fraction": reference, **scr_details}
+        if mode != "track" and getattr(self.register_config, "search_range_mm", 0.0) > 0:
+            details["search_candidate"] = result.candidate  # 0: the start itself won, k: the in-plane search's k-th candidate
+        if gc is not None:
+            details["gradient_correlation"] = round(gc, 4)
         with self._lock:
             if ok:
                 self.state = TRACKING
@@ -400,10 +447,23 @@ class RegistrationPipeline:
         return rgb
 
 
+def moving_image(config: PipelineConfig) -> str:
+    """The moving image (``target`` or ``roi``) a pipeline configuration means (resolves ``auto``)."""
+    if config.moving_image == "auto":
+        return "roi" if config.tracker == "ppc" else "target"
+    return config.moving_image
+
+
+def ppc_configs(config: PipelineConfig):
+    """``(registration config, tracking config)`` of a pipeline: its tracker's, with its in-plane search."""
+    if not 0.0 <= config.search_range_mm <= 100.0:
+        raise ConfigError(f"search_range_mm must be in [0, 100] mm, got {config.search_range_mm}")
+    register, track = tracker_configs(config.tracker)
+    return replace(register, search_range_mm=float(config.search_range_mm)), track
+
+
 def tracker_configs(tracker: str):
     """``(registration config, tracking config)`` of an update operator (see ``PipelineConfig.tracker``)."""
-    from dataclasses import replace
-
     from .ppc import PPCL_CONFIG, PPCL_HYBRID_CONFIG, PPCL_PLUS_CONFIG, TRACKING_CONFIG, PPCConfig
 
     if tracker == "ppc":

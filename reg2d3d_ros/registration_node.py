@@ -61,8 +61,12 @@ PARAMETERS = [
      "(this similarity, gradient ascent + CMA-ES) from the last good pose before PPC; learned: the learned similarity, similarity.pt in models_dir; learned_gc: learned, then gc; off: PPC from the last good pose", "", INTENSITY_STAGES, True),
     ("refine", "off", "refinement of every initial pose (SCR-PnP or initial_pose) by intensity-based registration (this similarity, gradient + CMA-ES) "
      "before PPC (learned: similarity.pt in models_dir)", "", INTENSITY_STAGES, True),
-    ("moving_image", "target", "what PPC's moving image (the DRR whose edges are matched) shows: target (the target's bone only) or roi (all bone "
-     "of the crop around it, neighbours included: reports/ppc_roi/report.md); the learned trackers were trained with target", "", ("target", "roi"), True),
+    ("moving_image", "auto", "what PPC's moving image (the DRR whose edges are matched) shows: target (the target's bone only), roi (all bone "
+     "of the crop around it, neighbours included) or auto (roi for the classic tracker, target for the learned ones, which were trained "
+     "with it; reports/ppc_search/report.md)", "", ("auto", "target", "roi"), True),
+    ("search_range_mm", 30.0, "global in-plane search of every PPC (re-)initialisation: image-plane shifts up to this far from the start "
+     "(at the target's depth) and rotations about the principal ray, scored by gradient correlation; PPC runs from the start and the best "
+     "candidates (reports/ppc_search/report.md); 0: off", "mm", (0.0, 100.0), True),
     ("intensity_budget_s", 2.0, "wall-time budget of the CMA-ES part of a recovery or refinement", "s", (0.0, 60.0), True),
     ("ct_frame", "ct", "TF child frame of the CT", "", None, True),
     ("image_topic", "/carm/image", "input frames (sensor_msgs/Image: mono8, mono16, 32FC1)", "", None, True),
@@ -73,6 +77,10 @@ PARAMETERS = [
     ("publish_overlay", True, "publish the overlay image for every registered frame", "", None, False),
     ("lost_inlier_fraction", 0.3, "tracking is judged lost below this inlier fraction of the contour correspondences", "fraction", (0.0, 1.0), False),
     ("lost_relative_fraction", 0.85, "tracking is judged lost when the inlier fraction drops below this fraction of its recent level", "fraction", (0.0, 1.0), False),
+    ("accept_inlier_fraction", 0.0, "a (re-)initialisation with a lower inlier fraction publishes nothing (initialisation rejected: a wrong optimum "
+     "usually fits fewer correspondences); 0: off", "fraction", (0.0, 1.0), False),
+    ("accept_gradient_correlation", 0.3, "a (re-)initialisation whose moving image correlates less with the frame (gradient correlation at half "
+     "resolution) publishes nothing (chosen with the roi moving image; reports/ppc_search/report.md); 0: off", "", (0.0, 1.0), False),
     ("min_correspondences", 30, "tracking is judged lost with fewer contour correspondences", "count", (0, 100000), False),
     ("diagnostics_period", 1.0, "period of /diagnostics messages", "s", (0.05, 60.0), True),
 ]
@@ -108,8 +116,10 @@ class RegistrationNode(Node):
                 ct_path=p["ct_path"], labels_path=p["labels_path"], label_table_path=p["label_table_path"], target=p["target"],
                 intensity=p["intensity"], tracker=p["tracker"], lost_inlier_fraction=p["lost_inlier_fraction"],
                 lost_relative_fraction=p["lost_relative_fraction"],
-                min_correspondences=p["min_correspondences"], models_dir=p["models_dir"], backend=p["backend"], device=p["device"],
+                min_correspondences=p["min_correspondences"], accept_inlier_fraction=p["accept_inlier_fraction"],
+                accept_gradient_correlation=p["accept_gradient_correlation"], models_dir=p["models_dir"], backend=p["backend"], device=p["device"],
                 recover=p["recover"], refine=p["refine"], intensity_budget_s=p["intensity_budget_s"], moving_image=p["moving_image"],
+                search_range_mm=p["search_range_mm"],
             )
         )
         self.add_on_set_parameters_callback(self._on_set_parameters)
@@ -139,6 +149,7 @@ class RegistrationNode(Node):
         self._last_mode = ""
         self._last_scr = ""
         self._last_intensity = ""  # the last recover/refine stage, for diagnostics
+        self._last_init = ""  # the last (re-)initialisation's in-plane search and acceptance check, for diagnostics
         self._worker = threading.Thread(target=self._run, name="registration_worker", daemon=True)
         self._worker.start()
 
@@ -185,6 +196,8 @@ class RegistrationNode(Node):
                 self.pipeline.config.lost_relative_fraction = float(prm.value)
             elif prm.name == "min_correspondences":
                 self.pipeline.config.min_correspondences = int(prm.value)
+            elif prm.name in ("accept_inlier_fraction", "accept_gradient_correlation"):
+                setattr(self.pipeline.config, prm.name, float(prm.value))
             elif prm.name == "publish_overlay":
                 self.params["publish_overlay"] = bool(prm.value)
         return SetParametersResult(successful=True)
@@ -229,6 +242,13 @@ class RegistrationNode(Node):
             if stage in res.details:
                 d = res.details[stage]
                 self._last_intensity = f"{stage} ({d['metric']}): similarity {d['start_similarity']:.3f} -> {d['similarity']:.3f}, {d['ms']:.0f} ms"
+        if "search_candidate" in res.details or "gradient_correlation" in res.details:
+            cand = res.details.get("search_candidate")
+            gc = res.details.get("gradient_correlation")
+            self._last_init = ", ".join(x for x in (
+                "" if cand is None else ("start kept" if cand == 0 else f"in-plane search candidate {cand}"),
+                "" if gc is None else f"gradient correlation {gc:.3f}",
+                "published" if res.T_optical_from_ct is not None else "rejected") if x)
         if "scr_inliers" in res.details:
             self._last_scr = f"{res.details['scr_inliers']} inliers ({res.details['scr_inlier_fraction']:.2f}), {res.details['scr_ms']:.0f} ms"
         if res.T_optical_from_ct is None:
@@ -303,6 +323,7 @@ class RegistrationNode(Node):
             "initialiser": "scr" if self.pipeline.scr is not None else "initial_pose topic",
             "last_scr": self._last_scr,
             "last_intensity_stage": self._last_intensity,
+            "last_initialisation": self._last_init,
             "backend": self.pipeline.backend,
             "engines": ", ".join(f"{e.name}:{e.backend}/{e.device}" for e in self.pipeline.engines),
             "device": self.pipeline.device,

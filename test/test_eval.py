@@ -117,7 +117,7 @@ def test_tracking_evaluation_runs_the_node_pipeline_and_reports_each_sequence():
     from reg2d3d_ros.example import load_example
 
     ct = load_example()
-    rows = evaluate_tracking(ct, ("T10",), ("lateral",), n_frames=5, size=128, seed=9, progress=False, jump_frame=3, moving="roi")
+    rows = evaluate_tracking(ct, ("T10",), ("lateral",), n_frames=5, size=128, seed=9, progress=False, jump_frame=3, moving="roi", search_range_mm=30.0)
     assert len(rows) == 1
     r = rows[0]
     assert r["vertebra"] == "T10" and r["frames"] == 5 and len(r["per_frame_mrpd_mm"]) == 5

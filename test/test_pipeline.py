@@ -39,6 +39,8 @@ def test_configuration_and_load_errors(tmp_path):
         RegistrationPipeline(PipelineConfig(intensity="bright"))
     with pytest.raises(ConfigError):
         RegistrationPipeline(PipelineConfig(tracker="magic"))
+    with pytest.raises(ConfigError, match="search_range_mm must be in"):
+        RegistrationPipeline(PipelineConfig(search_range_mm=-5.0))
     with pytest.raises(ConfigError, match="ct_path"):
         RegistrationPipeline(PipelineConfig()).load()
     with pytest.raises(CTLoadError, match="does not exist"):
@@ -223,7 +225,8 @@ class FakeRegistrator:
 
 def fake_pipeline(registrator, scr=None, initial_pose: bool = True):
     """A pipeline on 8x8 frames around a stand-in registrator (and SCR), camera info set."""
-    pipe = RegistrationPipeline(PipelineConfig())
+    # the stand-ins return poses without images behind them: no gradient correlation to check
+    pipe = RegistrationPipeline(PipelineConfig(accept_gradient_correlation=0.0))
     pipe.registrator, pipe.state, pipe.scr = registrator, INITIALISING, scr
     pipe.set_camera_info([100.0, 0, 3.5, 0, 100.0, 3.5, 0, 0, 1], 8, 8)
     if initial_pose:
@@ -258,6 +261,76 @@ def test_relative_inlier_drop_is_judged_lost():
     pipe.set_initial_pose(torch.eye(4, dtype=torch.float64))
     res = pipe.process(*args)
     assert res.T_optical_from_ct is not None and res.state == TRACKING
+
+
+def test_a_20mm_jump_is_recovered_by_the_in_plane_search(setting):
+    """After a loss, PPC's registration from the last good pose starts with the global in-plane
+    search (search_range_mm, default 30): a jump beyond PPC's local capture range is recovered."""
+    from reg2d3d_ros.example import load_example
+    from reg2d3d_ros.sim import XrayDegradation, simulate_sequence, xray_renderer
+
+    pipe, seq, pts, mrpd, poses = setting["pipe"], setting["seq"], setting["pts"], setting["mrpd"], setting["poses"]
+    assert pipe.register_config.search_range_mm == 30.0
+    pipe.reset()
+    ci = seq.intrinsics.to_camera_info()
+    pipe.set_camera_info(ci["k"], ci["width"], ci["height"])
+    pipe.set_initial_pose(poses[0])
+    res = pipe.process(*frame(seq, 0))
+    assert res.state == TRACKING and float(mrpd(res.T_optical_from_ct, poses[0], pts)) < 2.0
+    jump = torch.eye(4, dtype=torch.float64)
+    jump[:3, 3] = torch.tensor([-12.0, 16.0, 0.0], dtype=torch.float64)  # 20 mm across the image
+    T_jump = jump @ poses[0]
+    jseq = simulate_sequence(xray_renderer(load_example()), seq.intrinsics, T_jump[None], XrayDegradation(), seed=6)
+    threshold = pipe.config.lost_inlier_fraction
+    pipe.config.lost_inlier_fraction = 1.01  # the loss itself is tested elsewhere: force it
+    res = pipe.process(*frame(jseq, 0))
+    pipe.config.lost_inlier_fraction = threshold
+    assert res.state == LOST and res.T_optical_from_ct is None
+    res = pipe.process(*frame(jseq, 0))
+    assert res.details["mode"] == "initialise (last_good)" and res.details["search_candidate"] >= 1, res.details
+    assert res.T_optical_from_ct is not None, res.error
+    assert float(mrpd(res.T_optical_from_ct, T_jump, pts)) < 2.0
+    pipe.reset()
+
+
+def test_initialisations_below_the_acceptance_thresholds_publish_nothing(setting):
+    img = (np.random.default_rng(0).random((8, 8)) * 1000).astype(np.uint16)
+    f = encode_image(img, "mono16")
+    args = (f["encoding"], f["height"], f["width"], f["step"], f["data"])
+    with pytest.raises(ConfigError, match="accept_inlier_fraction must be in"):
+        RegistrationPipeline(PipelineConfig(accept_inlier_fraction=1.5))
+    # the acceptance test applies to registrations only; tracking keeps its own lost logic
+    fake = FakeRegistrator([0.45, 0.55, 0.40, 0.38])
+    pipe = fake_pipeline(fake)
+    pipe.config.accept_inlier_fraction = 0.5
+    r = pipe.process(*args)
+    assert r.T_optical_from_ct is None and r.state == LOST and "initialisation rejected: inlier fraction 0.45 < accept_inlier_fraction 0.5" in r.error
+    pipe.set_initial_pose(torch.eye(4, dtype=torch.float64))
+    r = pipe.process(*args)
+    assert r.T_optical_from_ct is not None and r.state == TRACKING
+    r = pipe.process(*args)  # a tracking update at 0.40 (> lost_inlier_fraction 0.3) is published
+    assert r.T_optical_from_ct is not None and r.details["mode"] == "track"
+    # the gradient correlation of the real registration: computed, reported, and a threshold above it rejects
+    pipe, seq, poses = setting["pipe"], setting["seq"], setting["poses"]
+    pipe.reset()
+    ci = seq.intrinsics.to_camera_info()
+    pipe.set_camera_info(ci["k"], ci["width"], ci["height"])
+    default = pipe.config.accept_gradient_correlation
+    assert default == 0.3
+    try:
+        pipe.config.accept_gradient_correlation = 0.05
+        pipe.set_initial_pose(poses[0])
+        r = pipe.process(*frame(seq, 0))
+        assert r.T_optical_from_ct is not None and 0.05 <= r.details["gradient_correlation"] <= 1.0, r.error
+        gc = r.details["gradient_correlation"]
+        pipe.reset()
+        pipe.config.accept_gradient_correlation = min(1.0, gc + 0.05)
+        pipe.set_initial_pose(poses[0])
+        r = pipe.process(*frame(seq, 0))
+        assert r.T_optical_from_ct is None and "initialisation rejected: gradient correlation" in r.error
+    finally:
+        pipe.config.accept_gradient_correlation = default
+        pipe.reset()
 
 
 class FakeSCR:

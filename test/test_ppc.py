@@ -292,3 +292,75 @@ def test_levels_mean_the_same_physical_pixel_size():
     assert effective_levels(cfg, fine) == [(0.25, 8, 6), (0.5, 8, 6), (1.0, 6, 4)]
     coarse = CArmIntrinsics.from_detector(1020.0, 4.8, 64, 64)
     assert effective_levels(cfg, coarse) == [(1.0, 6, 4)]
+
+
+def test_ngc_map_peaks_at_the_known_shift():
+    from reg2d3d_ros.ppc.matching import gradient_image
+    from reg2d3d_ros.ppc.search import ngc_map
+
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+
+    def blobs(centres):
+        return sum(a * torch.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s**2)) for x, y, s, a in centres)
+
+    shape = [(30.0, 30.0, 3.0, 1.0), (38.0, 26.0, 2.0, 0.7), (27.0, 37.0, 4.0, 0.5)]
+    du, dv = 5, -3  # the frame shows the structure moved right by 5 and up by 3 pixels
+    moving = blobs(shape)
+    fixed = blobs([(x + du, y + dv, s, a) for x, y, s, a in shape] + [(10.0, 52.0, 3.0, 1.0), (52.0, 10.0, 2.5, 0.8)])
+    fixed = fixed + 0.01 * torch.randn(64, 64, generator=torch.Generator().manual_seed(3))
+    gf, gm = gradient_image(fixed, 1.0), gradient_image(moving, 1.0)
+    fp = moving > 1e-3
+    m = 8
+    ngc = ngc_map(gf, gm, fp, m)
+    assert ngc.shape == (2 * m + 1, 2 * m + 1)
+    r, c = divmod(int(ngc.argmax()), 2 * m + 1)
+    assert (c - m, r - m) == (du, dv)
+    assert float(ngc.max()) > 0.9  # the same structure, up to the noise
+    assert float(ngc[m, m]) < 0.5  # unshifted: misaligned
+
+
+def test_inplane_search_finds_a_start_20mm_off_in_the_image_plane(tuning_lateral_case):
+    from dataclasses import replace
+
+    from reg2d3d_ros.eval import mrpd
+    from reg2d3d_ros.ppc import PPCConfig, PPCRegistrator
+    from reg2d3d_ros.ppc.search import inplane_search
+
+    ct, case, _ = tuning_lateral_case
+    reg = PPCRegistrator.from_ct(ct, "T7", moving="roi")
+    # 20 mm across the image plane (beyond the local search of the coarsest level) and 6 degrees
+    # about the principal ray
+    T0 = case.T_gt.clone()
+    c = T0[:3, :3] @ reg.pts.mean(0) + T0[:3, 3]
+    a = math.radians(6.0)
+    Rz = torch.tensor([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]], dtype=torch.float64)
+    T0[:3, :3] = Rz @ T0[:3, :3]
+    T0[:3, 3] = Rz @ (T0[:3, 3] - c) + c + torch.tensor([-12.0, 16.0, 0.0], dtype=torch.float64)
+    before = float(mrpd(T0, case.T_gt, case.target_pts))
+    assert before > 15.0
+    found = inplane_search(reg, case.image_att, case.intrinsics, T0, range_mm=30.0)
+    assert 1 <= len(found) <= 3 and found[0].score >= found[-1].score
+    assert float(mrpd(found[0].T_optical_from_ct, case.T_gt, case.target_pts)) < 4.0
+    for a_, b_ in zip(found, found[1:]):  # distinct candidates
+        assert math.hypot(a_.shift_mm[0] - b_.shift_mm[0], a_.shift_mm[1] - b_.shift_mm[1]) >= 8.0
+    # registration with the search ends at the truth; history records which candidate won
+    r = reg.register(case.image_att, case.intrinsics, T0, config=replace(PPCConfig(), search_range_mm=30.0))
+    assert float(mrpd(r.T_optical_from_ct, case.T_gt, case.target_pts)) < 2.0
+    assert {st["candidate"] for st in r.history} == {0, 1, 2, 3} and r.candidate >= 1
+
+
+def test_pose_gradient_correlation_is_highest_at_the_truth(tuning_lateral_case):
+    from reg2d3d_ros.ppc.search import pose_gradient_correlation
+
+    ct, case, reg = tuning_lateral_case
+    at_truth = pose_gradient_correlation(reg, case.image_att, case.intrinsics, case.T_gt)
+    scores = []
+    for dx, dy in ((4.0, 0.0), (0.0, -4.0), (15.0, 10.0), (0.0, 25.0)):
+        T = case.T_gt.clone()
+        T[0, 3] += dx
+        T[1, 3] += dy
+        scores.append(pose_gradient_correlation(reg, case.image_att, case.intrinsics, T))
+    assert 0.2 < at_truth <= 1.0 and max(scores) < at_truth, (at_truth, scores)
+    T = case.T_gt.clone()
+    T[2, 3] = -T[2, 3]  # behind the source: nothing projects
+    assert pose_gradient_correlation(reg, case.image_att, case.intrinsics, T) == 0.0

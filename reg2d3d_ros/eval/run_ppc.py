@@ -26,7 +26,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +95,7 @@ def optimum_offsets(ct, cases, moving: str = "target") -> list:
 
 
 def evaluate_tracking(ct, vertebrae, views, n_frames: int, size: int, seed: int, progress: bool = True, jump_frame: int = 40,
-                      jump_mm: float = 15.0, moving: str = "target") -> list:
+                      jump_mm: float = 15.0, moving: str = "target", search_range_mm: float = 0.0) -> list:
     """Track simulated sequences through the node's pipeline, with one sudden jump.
 
     Each sequence is smooth motion (breathing + drift) with, at ``jump_frame``, a sudden
@@ -107,7 +107,7 @@ def evaluate_tracking(ct, vertebrae, views, n_frames: int, size: int, seed: int,
     > 2 mm: the safety number), whether the jump frame was caught, and update times.
     """
     from ..images import encode_image
-    from ..pipeline import INITIALISING, PipelineConfig, RegistrationPipeline, tracker_configs
+    from ..pipeline import INITIALISING, PipelineConfig, RegistrationPipeline, ppc_configs
     from ..ppc import PPCRegistrator
     from ..sim import CArmSetup, XrayDegradation, make_trajectory, simulate_sequence, structure_center, view_pose, xray_renderer
     from ..volume import resolve_label
@@ -129,9 +129,9 @@ def evaluate_tracking(ct, vertebrae, views, n_frames: int, size: int, seed: int,
             if 0 < jump_frame < n_frames:
                 poses[jump_frame:, 0, 3] += jump_mm  # optical x: the vertebra jumps across the image
             seq = simulate_sequence(renderer, setup.intrinsics(), poses, XrayDegradation(), seed=s)
-            pipe = RegistrationPipeline(PipelineConfig())
+            pipe = RegistrationPipeline(PipelineConfig(moving_image=moving, search_range_mm=search_range_mm))
             pipe.registrator, pipe.state = reg, INITIALISING
-            pipe.register_config, pipe.track_config = tracker_configs(pipe.config.tracker)
+            pipe.register_config, pipe.track_config = ppc_configs(pipe.config)
             ci = setup.intrinsics().to_camera_info()
             pipe.set_camera_info(ci["k"], ci["width"], ci["height"])
             pipe.set_initial_pose(poses[0])
@@ -263,7 +263,9 @@ def write_report(out: Path, meta: dict, reg_results: dict, tracking: list, optim
             "full-resolution, in-plane PPC update per frame (`TRACKING_CONFIG`: rotation about the principal ray and image-plane "
             "translation; depth and out-of-plane rotation keep the last registration's values). A frame is judged lost (no pose) when "
             "its inlier fraction is below 0.3 or below 0.85 x its recent level; the next frame is then re-initialised from the last "
-            "good pose. 'Wrong poses published': poses with mRPD > 2 mm that the node would have published.",
+            "good pose" + (f" by PPC with the in-plane search ({meta['search_mm']:.0f} mm, as the node does by default)" if meta.get("search_mm") else
+                           " by PPC without the in-plane search") + "; a (re-)initialisation whose gradient correlation with the frame is below "
+            f"{meta.get('accept_gradient_correlation', 0.0):g} publishes nothing (`accept_gradient_correlation`). 'Wrong poses published': poses with mRPD > 2 mm that the node would have published.",
             "",
             "| vertebra | view | motion before the jump [mm] | poses / frames | judged lost | median mRPD of published [mm] | p95 | max | wrong poses published (before the jump) | jump caught | frames to recover | update median / p95 [ms] |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -295,6 +297,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-wang", action="store_true", help="skip the classic-recipe ablation")
     ap.add_argument("--moving", choices=["target", "roi"], default="target",
                     help="moving image: the target's bone only, or all bone of the crop around it (PPCRegistrator.from_ct)")
+    ap.add_argument("--search-mm", type=float, default=0.0,
+                    help="also run 'PPC + in-plane search' (PPCConfig.search_range_mm) and re-initialise tracking with it (0: off)")
     ap.add_argument("--no-tracking", action="store_true")
     ap.add_argument("--quick", action="store_true", help="2 cases, 4 starts, 10 tracking frames (a smoke run)")
     ap.add_argument("--only-tracking", action="store_true",
@@ -308,6 +312,7 @@ def main(argv=None) -> int:
 def _run(args, argv) -> int:
     """Body of :func:`main`."""
     from ..example import load_example
+    from ..pipeline import PipelineConfig
     from ..ppc import WANG_CONFIG, PPCConfig
     from ..sim import CArmSetup
     from .cases import TEST, CaseSet, make_cases
@@ -325,7 +330,8 @@ def _run(args, argv) -> int:
         tracking = stored["tracking"]
         if args.only_tracking:
             tracking = evaluate_tracking(ct, case_set.vertebrae, case_set.views, meta["track_frames"], meta["track_size"], case_set.seed + 500,
-                                         moving=meta.get("moving", "target"))
+                                         moving=meta.get("moving", "target"), search_range_mm=meta.get("search_mm", 0.0))
+            meta["accept_gradient_correlation"] = PipelineConfig().accept_gradient_correlation
             meta["argv"] += " (tracking re-run with: " + " ".join(argv if argv is not None else sys.argv[1:]) + ")"
         write_report(args.out, meta, stored["registration"], tracking, optimum_offsets(ct, cases, moving=meta.get("moving", "target")))
         print(f"rewrote {args.out / 'report.md'}")
@@ -334,12 +340,14 @@ def _run(args, argv) -> int:
     print(f"generating {len(case_set.vertebrae) * len(case_set.views)} cases x {args.starts} starts ({args.size}x{args.size})", flush=True)
     cases = make_cases(ct, case_set, args.starts, max_mtre_mm=args.max_mtre, setup=setup)
     configs = {"PPC": PPCConfig()}
+    if args.search_mm > 0:
+        configs["PPC + in-plane search"] = replace(PPCConfig(), search_range_mm=args.search_mm)
     if not args.no_wang:
         configs["PPC, classic recipe (no anchor, no in-plane phase)"] = WANG_CONFIG
     reg = evaluate_registration(ct, cases, configs, moving=args.moving)
     optima = optimum_offsets(ct, cases, moving=args.moving)
     tracking = [] if args.no_tracking else evaluate_tracking(ct, case_set.vertebrae, case_set.views, args.track_frames, args.track_size,
-                                                             case_set.seed + 500, moving=args.moving)
+                                                             case_set.seed + 500, moving=args.moving, search_range_mm=args.search_mm)
     meta = {
         "argv": " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
@@ -352,6 +360,8 @@ def _run(args, argv) -> int:
         "pixel_mm": 307.2 / args.size,
         "track_size": args.track_size,
         "moving": args.moving,
+        "search_mm": args.search_mm,
+        "accept_gradient_correlation": PipelineConfig().accept_gradient_correlation,
         "track_frames": args.track_frames,
         "configs": {k: asdict(v) for k, v in configs.items()},
         "wall_seconds": round(time.time() - t0),

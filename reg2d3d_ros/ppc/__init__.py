@@ -1,11 +1,13 @@
 """Point-to-plane correspondence (PPC) registration: surface points, contours, NGC matching,
 the PPC solver (weighted least squares and MCCR) and iterative registration / tracking; the
 learned update operators around the solver live in :mod:`.learned` (PPC-L correspondence
-weighting) and :mod:`.flow` (PPC Flow / PPC Flow Attention)."""
+weighting) and :mod:`.flow` (PPC Flow / PPC Flow Attention); :mod:`.search` is the global
+in-plane search that starts a registration from a rough pose."""
 
 from .contours import Contours, select_contours
 from .matching import gradient_image, ngc_search
 from .register import PPCL_CONFIG, PPCL_HYBRID_CONFIG, PPCL_PLUS_CONFIG, TRACKING_CONFIG, WANG_CONFIG, Correspondences, PPCConfig, PPCRegistrator, RegistrationResult
+from .search import InPlaneCandidate, inplane_search, ngc_map
 from .solver import NO_DEPTH, PPCSolution, motion_about, ppc_equations, solve_ppc, solve_weighted
 from .surface import SurfacePoints, canny_surface_points, structure_region
 
@@ -23,6 +25,9 @@ __all__ = [
     "PPCConfig",
     "PPCRegistrator",
     "RegistrationResult",
+    "InPlaneCandidate",
+    "inplane_search",
+    "ngc_map",
     "NO_DEPTH",
     "PPCSolution",
     "motion_about",

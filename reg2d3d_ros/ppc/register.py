@@ -226,6 +226,19 @@ class PPCConfig:
     learned_as_prior : bool
         Use the learned weights as the prior weights of the classic update instead of replacing
         it: MCCR, the anchor and the trust region stay on (a hybrid; see the PPC-L report).
+    search_range_mm : float
+        Global in-plane search before the iterations (:mod:`.search`): largest image-plane shift
+        searched, mm at the target's depth; 0 disables it (the local PPC of the seed).
+    search_angles_deg : tuple of float
+        Rotations about the principal ray tried by the search, degrees.
+    search_candidates : int
+        Candidates of the search that run the coarsest level, besides the start itself.
+    search_keep : int
+        How many starts run the remaining levels: the given start always, and the candidates
+        with the highest inlier fraction after the coarsest level.
+    search_margin : float
+        A candidate's result replaces the start's only if its final inlier fraction is higher
+        by more than this (a start near the truth must not lose to a neighbouring vertebra).
     """
 
     levels: tuple = (0.25, 0.5, 1.0)
@@ -256,6 +269,11 @@ class PPCConfig:
     learned_levels: tuple = ()
     flow_levels: tuple = ()
     learned_as_prior: bool = False
+    search_range_mm: float = 0.0
+    search_angles_deg: tuple = (-10.0, -5.0, 0.0, 5.0, 10.0)
+    search_candidates: int = 3
+    search_keep: int = 3
+    search_margin: float = 0.03
 
     def __post_init__(self):
         n = len(self.levels)
@@ -338,7 +356,10 @@ class RegistrationResult:
     seconds : float
         Wall time.
     history : list of dict
-        Per update: level, rotation (deg) and translation (mm) of the update, points, inliers.
+        Per update: level, rotation (deg) and translation (mm) of the update, points, inliers
+        (and, with the in-plane search, the candidate it refined).
+    candidate : int
+        Which start the result came from: 0 the given one, ``k >= 1`` the in-plane search's k-th.
     """
 
     T_optical_from_ct: torch.Tensor
@@ -349,6 +370,7 @@ class RegistrationResult:
     n_correspondences: int
     seconds: float
     history: list = field(default_factory=list)
+    candidate: int = 0
 
 
 class PPCRegistrator:
@@ -584,6 +606,12 @@ class PPCRegistrator:
     def register(self, image_att, intrinsics: CArmIntrinsics, T_init, config: PPCConfig | None = None) -> RegistrationResult:
         """Register one frame starting from ``T_init``.
 
+        With ``config.search_range_mm > 0`` the start is first corrected by the global in-plane
+        search (:func:`.search.inplane_search`): the start and the search's candidates each run
+        the coarsest level; the start and the ``search_keep - 1`` candidates with the highest
+        inlier fraction run the remaining levels; a candidate's result is returned instead of
+        the start's only if its final inlier fraction is higher by more than ``search_margin``.
+
         Parameters
         ----------
         image_att : np.ndarray or torch.Tensor
@@ -601,15 +629,64 @@ class PPCRegistrator:
         if (h, w) != (intrinsics.height, intrinsics.width):
             raise ConfigError(f"frame is {w}x{h} but the intrinsics are {intrinsics.width}x{intrinsics.height}")
         T = torch.as_tensor(T_init, dtype=self.dtype).clone()
-        T_start = T.clone()
         levels = _levels(cfg, intrinsics)
         if cfg.learned_levels and self.learned is None:
             raise ConfigError("this configuration uses learned correspondence weighting (PPC-L) but no PPC-L model is loaded")
         if cfg.flow_levels and self.flow is None:
             raise ConfigError("this configuration uses the PPC Flow operator but no flow model is loaded")
         fixed = self.fixed_gradients(image_att, [lv[0] for lv in levels])
+        if cfg.search_range_mm > 0:
+            from .search import inplane_search
+
+            found = inplane_search(self, image_att, intrinsics, T, range_mm=cfg.search_range_mm, angles_deg=cfg.search_angles_deg,
+                                   level=min(1.0, levels[0][0]), n_candidates=cfg.search_candidates)
+            runs = [self._run_levels(fixed, intrinsics, levels[:1], 0, Ts, Ts, cfg) for Ts in [T] + [c.T_optical_from_ct for c in found]]
+            for k, run in enumerate(runs):
+                run["candidate"] = k
+                for st in run["history"]:
+                    st["candidate"] = k
+            history = [st for r in runs for st in r["history"]]
+            iterations = sum(r["iterations"] for r in runs)
+            # the start always goes on (a good start must not lose to a neighbour's look-alike),
+            # with the best of the search's candidates after the coarsest level
+            kept = [runs[0]] + sorted(runs[1:], key=lambda r: -r["inlier_fraction"])[: max(0, cfg.search_keep - 1)]
+            if len(levels) > 1:
+                kept = [self._continue(fixed, intrinsics, levels, r, cfg) for r in kept]
+                history += [st for r in kept for st in r["history"]]
+                iterations += sum(r["iterations"] for r in kept)
+            best = kept[0]
+            challenger = max(kept[1:], key=lambda r: r["inlier_fraction"], default=None)
+            if challenger is not None and challenger["inlier_fraction"] > best["inlier_fraction"] + cfg.search_margin:
+                best = challenger
+        else:
+            best = self._run_levels(fixed, intrinsics, levels, 0, T, T, cfg)
+            best["candidate"] = 0
+            history, iterations = best["history"], best["iterations"]
+        last = best["last"]
+        return RegistrationResult(
+            T_optical_from_ct=best["T"],
+            iterations=iterations,
+            inlier_fraction=best["inlier_fraction"],
+            mean_ngc=last.get("mean_ngc", 0.0),
+            residual_rms_mm=last.get("residual_rms_mm", float("inf")),
+            n_correspondences=last.get("points", 0),
+            seconds=time.perf_counter() - t0,
+            history=history,
+            candidate=best["candidate"],
+        )
+
+    def _continue(self, fixed: dict, intrinsics: CArmIntrinsics, levels: list, run: dict, cfg: PPCConfig) -> dict:
+        """The levels after the first, from the outcome of :meth:`_run_levels` over the first."""
+        more = self._run_levels(fixed, intrinsics, levels[1:], 1, run["T"], run["T_anchor"], cfg)
+        more["candidate"] = run["candidate"]
+        for st in more["history"]:
+            st["candidate"] = run["candidate"]
+        return more
+
+    def _run_levels(self, fixed: dict, intrinsics: CArmIntrinsics, levels: list, first_index: int, T: torch.Tensor, T_anchor: torch.Tensor, cfg: PPCConfig) -> dict:
+        """The iterations of ``levels`` (entries of :func:`_levels`; ``first_index``: index of the first in the full list)."""
         history, iterations, last = [], 0, {}
-        for li, (s, n_iter, search, nominal) in enumerate(levels):
+        for li, (s, n_iter, search, nominal) in enumerate(levels, start=first_index):
             intr = intrinsics.scaled(s)
             learned = any(abs(nominal - x) < 1e-6 for x in cfg.learned_levels)
             weighter = self.learned.weighter(nominal) if learned else None
@@ -625,7 +702,7 @@ class PPCRegistrator:
                     mask = IN_PLANE
                 elif li == 0 and it < cfg.in_plane_iterations + cfg.no_depth_iterations:
                     mask = NO_DEPTH
-                T, stats = self.update(T, fixed[s], intr, search, dof_mask=mask, config=cfg, T_anchor=T_start, weighter=weighter, matcher=matcher)
+                T, stats = self.update(T, fixed[s], intr, search, dof_mask=mask, config=cfg, T_anchor=T_anchor, weighter=weighter, matcher=matcher)
                 iterations += 1
                 stats.update(level=s, iteration=it, depth_frozen=mask is not None)
                 history.append(stats)
@@ -635,16 +712,7 @@ class PPCRegistrator:
                 if mask is None and stats["rot_deg"] < cfg.stop_rot_deg and stats["trans_mm"] < cfg.stop_trans_mm:
                     break
         points = max(last.get("points", 0), 1)
-        return RegistrationResult(
-            T_optical_from_ct=T,
-            iterations=iterations,
-            inlier_fraction=last.get("inliers", 0) / points,
-            mean_ngc=last.get("mean_ngc", 0.0),
-            residual_rms_mm=last.get("residual_rms_mm", float("inf")),
-            n_correspondences=last.get("points", 0),
-            seconds=time.perf_counter() - t0,
-            history=history,
-        )
+        return dict(T=T, T_anchor=T_anchor, history=history, iterations=iterations, last=last, inlier_fraction=last.get("inliers", 0) / points)
 
     def track(self, image_att, intrinsics: CArmIntrinsics, T_prev, config: PPCConfig = TRACKING_CONFIG) -> RegistrationResult:
         """Tracking update: register a frame starting from the previous frame's pose."""
