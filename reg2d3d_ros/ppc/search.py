@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..drr.gradients import downsample
 from .matching import gradient_image
 
 
@@ -70,13 +69,6 @@ def translate(T: torch.Tensor, t_opt_mm) -> torch.Tensor:
     out = T.clone()
     out[:3, 3] = out[:3, 3] + torch.as_tensor(t_opt_mm, dtype=T.dtype, device=T.device)
     return out
-
-
-def frame_gradient(registrator, image_att, level: float) -> torch.Tensor:
-    """``(2, h, w)`` smoothed gradient of a frame ``(H, W)`` at a resolution factor."""
-    img = torch.as_tensor(image_att, dtype=torch.float32)
-    small = downsample(img[None], level)[0] if level != 1.0 else img
-    return gradient_image(small, registrator.config.smooth_sigma_px)
 
 
 def moving_gradient_and_footprint(registrator, T: torch.Tensor, intr):
@@ -176,7 +168,7 @@ def inplane_search(registrator, image_att, intrinsics, T_start: torch.Tensor, ra
     """
     T_start = torch.as_tensor(T_start, dtype=registrator.dtype)
     intr = intrinsics.scaled(level)
-    grad_fixed = frame_gradient(registrator, image_att, level)
+    grad_fixed = registrator.fixed_gradients(image_att, [level])[level]
     c_ct = registrator.pts.mean(dim=0) if center_ct_mm is None else torch.as_tensor(center_ct_mm, dtype=T_start.dtype)
     c_opt = T_start[:3, :3] @ c_ct + T_start[:3, 3]
     if float(c_opt[2]) <= 0:
@@ -243,4 +235,4 @@ def pose_gradient_correlation(registrator, image_att, intrinsics, T: torch.Tenso
     moving = moving_gradient_and_footprint(registrator, torch.as_tensor(T, dtype=registrator.dtype), intrinsics.scaled(s))
     if moving is None:
         return 0.0
-    return float(ngc_map(frame_gradient(registrator, image_att, s), moving[0], moving[1], 0)[0, 0])
+    return float(ngc_map(registrator.fixed_gradients(image_att, [s])[s], moving[0], moving[1], 0)[0, 0])
