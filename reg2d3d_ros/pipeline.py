@@ -205,7 +205,8 @@ class RegistrationPipeline:
                 raise ConfigError(f"{name} must be one of {', '.join(INTENSITY_STAGES)}, got {getattr(config, name)!r}")
         if not config.intensity_budget_s >= 0:
             raise ConfigError(f"intensity_budget_s must be >= 0, got {config.intensity_budget_s}")
-        ppc_configs(config)  # checks search_range_mm
+        if not 0.0 <= config.search_range_mm <= 100.0:
+            raise ConfigError(f"search_range_mm must be in [0, 100] mm, got {config.search_range_mm}")
         if config.moving_image not in ("auto", "target", "roi"):
             raise ConfigError(f"moving_image must be auto, target or roi, got {config.moving_image!r}")
         if not 0.0 <= config.accept_inlier_fraction <= 1.0:
@@ -456,8 +457,6 @@ def moving_image(config: PipelineConfig) -> str:
 
 def ppc_configs(config: PipelineConfig):
     """``(registration config, tracking config)`` of a pipeline: its tracker's, with its in-plane search."""
-    if not 0.0 <= config.search_range_mm <= 100.0:
-        raise ConfigError(f"search_range_mm must be in [0, 100] mm, got {config.search_range_mm}")
     register, track = tracker_configs(config.tracker)
     return replace(register, search_range_mm=float(config.search_range_mm)), track
 

@@ -640,11 +640,8 @@ class PPCRegistrator:
 
             found = inplane_search(self, image_att, intrinsics, T, range_mm=cfg.search_range_mm, angles_deg=cfg.search_angles_deg,
                                    level=min(1.0, levels[0][0]), n_candidates=cfg.search_candidates)
-            runs = [self._run_levels(fixed, intrinsics, levels[:1], 0, Ts, Ts, cfg) for Ts in [T] + [c.T_optical_from_ct for c in found]]
-            for k, run in enumerate(runs):
-                run["candidate"] = k
-                for st in run["history"]:
-                    st["candidate"] = k
+            starts = [T] + [c.T_optical_from_ct for c in found]
+            runs = [self._run_levels(fixed, intrinsics, levels[:1], 0, Ts, Ts, cfg, candidate=k) for k, Ts in enumerate(starts)]
             history = [st for r in runs for st in r["history"]]
             iterations = sum(r["iterations"] for r in runs)
             # the start always goes on (a good start must not lose to a neighbour's look-alike),
@@ -660,7 +657,6 @@ class PPCRegistrator:
                 best = challenger
         else:
             best = self._run_levels(fixed, intrinsics, levels, 0, T, T, cfg)
-            best["candidate"] = 0
             history, iterations = best["history"], best["iterations"]
         last = best["last"]
         return RegistrationResult(
@@ -677,14 +673,14 @@ class PPCRegistrator:
 
     def _continue(self, fixed: dict, intrinsics: CArmIntrinsics, levels: list, run: dict, cfg: PPCConfig) -> dict:
         """The levels after the first, from the outcome of :meth:`_run_levels` over the first."""
-        more = self._run_levels(fixed, intrinsics, levels[1:], 1, run["T"], run["T_anchor"], cfg)
-        more["candidate"] = run["candidate"]
-        for st in more["history"]:
-            st["candidate"] = run["candidate"]
-        return more
+        return self._run_levels(fixed, intrinsics, levels[1:], 1, run["T"], run["T_anchor"], cfg, candidate=run["candidate"])
 
-    def _run_levels(self, fixed: dict, intrinsics: CArmIntrinsics, levels: list, first_index: int, T: torch.Tensor, T_anchor: torch.Tensor, cfg: PPCConfig) -> dict:
-        """The iterations of ``levels`` (entries of :func:`_levels`; ``first_index``: index of the first in the full list)."""
+    def _run_levels(self, fixed: dict, intrinsics: CArmIntrinsics, levels: list, first_index: int, T: torch.Tensor, T_anchor: torch.Tensor, cfg: PPCConfig,
+                    candidate: int = 0) -> dict:
+        """The iterations of ``levels`` (entries of :func:`_levels`; ``first_index``: index of the first in the full list).
+
+        ``candidate`` (which start this is, see :meth:`register`) is recorded in every update's stats.
+        """
         history, iterations, last = [], 0, {}
         for li, (s, n_iter, search, nominal) in enumerate(levels, start=first_index):
             intr = intrinsics.scaled(s)
@@ -704,7 +700,7 @@ class PPCRegistrator:
                     mask = NO_DEPTH
                 T, stats = self.update(T, fixed[s], intr, search, dof_mask=mask, config=cfg, T_anchor=T_anchor, weighter=weighter, matcher=matcher)
                 iterations += 1
-                stats.update(level=s, iteration=it, depth_frozen=mask is not None)
+                stats.update(level=s, iteration=it, depth_frozen=mask is not None, candidate=candidate)
                 history.append(stats)
                 last = stats
                 if stats["points"] == 0:
@@ -712,7 +708,8 @@ class PPCRegistrator:
                 if mask is None and stats["rot_deg"] < cfg.stop_rot_deg and stats["trans_mm"] < cfg.stop_trans_mm:
                     break
         points = max(last.get("points", 0), 1)
-        return dict(T=T, T_anchor=T_anchor, history=history, iterations=iterations, last=last, inlier_fraction=last.get("inliers", 0) / points)
+        return dict(T=T, T_anchor=T_anchor, history=history, iterations=iterations, last=last, inlier_fraction=last.get("inliers", 0) / points,
+                    candidate=candidate)
 
     def track(self, image_att, intrinsics: CArmIntrinsics, T_prev, config: PPCConfig = TRACKING_CONFIG) -> RegistrationResult:
         """Tracking update: register a frame starting from the previous frame's pose."""
