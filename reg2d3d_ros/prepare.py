@@ -15,16 +15,22 @@ Steps (each resumable: finished steps are kept, an interrupted one continues):
 ``--quality full`` is meant for a GPU (more views, more epochs). The node uses the folder as its
 ``models_dir``.
 
+The label map must share the CT's grid (``--resample-labels`` resamples one that does not);
+its ids are named by ``--label-table`` or else by TotalSegmentator's names, built in
+(``--label-set``: v2, v1, or ``auto``: the version the label map shows, else v2). After an error,
+the folders this run created and left empty are removed.
+
 Usage::
 
-    python -m reg2d3d_ros.prepare --ct CT.nii.gz --labels LABELS.nii.gz [--label-table T.csv]
-        --target T8 --out models/patient [--quality quick|full] [--device auto]
+    python -m reg2d3d_ros.prepare --ct CT.nii.gz --labels LABELS.nii.gz [--label-table T.csv | --label-set auto]
+        [--resample-labels] --target T8 --out models/patient [--quality quick|full] [--device auto]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from dataclasses import asdict, replace
@@ -34,6 +40,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, run_cli
+from .volume import add_label_arguments
 
 #: Presets of the time/quality knob: training views, epochs, batch size.
 QUALITY = {
@@ -48,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m reg2d3d_ros.prepare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--ct", required=True, help="CT file (NIfTI, NRRD, MHA) or DICOM folder")
     ap.add_argument("--labels", required=True, help="label map of the CT (TotalSegmentator-style)")
-    ap.add_argument("--label-table", default=None, help="CSV of label names (default: TotalSegmentator's names)")
-    ap.add_argument("--target", default="T8", help="structure the node registers (e.g. T8)")
+    ap.add_argument("--label-table", default=None, help="CSV of label names, columns structure,id (default: TotalSegmentator's names, "
+                    "built in: --label-set)")
+    add_label_arguments(ap)
+    ap.add_argument("--target", default="T8", help="structure the node registers: a vertebra (T8), a TotalSegmentator name "
+                    "(vertebrae_T8) or a label id")
     ap.add_argument("--out", type=Path, required=True, help="model folder to write (the node's models_dir)")
     ap.add_argument("--quality", choices=sorted(QUALITY), default="quick", help="time/quality preset")
     ap.add_argument("--views", type=int, default=None, help="training views (overrides the preset)")
@@ -68,14 +78,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def prepare(args) -> Path:
-    """Run the steps; returns the model folder."""
+    """Run the steps; returns the model folder.
+
+    After an error (or Ctrl-C), the folders this run created and left empty (``OUT/cache``,
+    ``OUT``) are removed; what was written is kept (a later run resumes from it).
+    """
+    out = Path(args.out)
+    created = [d for d in (out, out / "cache") if not d.exists()]
+    try:
+        return _prepare(args, out)
+    except BaseException:
+        for d in reversed(created):
+            try:
+                if d.is_dir() and not any(d.iterdir()):
+                    d.rmdir()
+            except OSError:
+                pass
+        raise
+
+
+def _prepare(args, out: Path) -> Path:
     from .engines import export_network, file_sha256, networks_of, resolve_device
     from .ppc import PPCRegistrator
     from .scr.data import DatasetSpec, SceneNormalisation, build_view_cache, load_views
     from .scr.model import SCRInitializer
     from .scr.train import TrainConfig, train_pose_regression, train_scr
     from .sim import structure_center
-    from .volume import load_ct, resolve_label
+    from .volume import load_ct
 
     progress = not args.quiet
     device = resolve_device(args.device)
@@ -84,9 +113,7 @@ def prepare(args) -> Path:
     epochs = args.epochs or preset["epochs"]
     if args.size % 32:
         raise ConfigError(f"--size must be a multiple of 32, got {args.size}")
-    out = Path(args.out)
     cache = out / "cache"
-    cache.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
     def say(msg):
@@ -94,8 +121,10 @@ def prepare(args) -> Path:
             print(f"[{time.time() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)
 
     say(f"loading CT {args.ct}")
-    ct = load_ct(args.ct, labels_path=args.labels, label_table=args.label_table)
-    lid = resolve_label(args.target, ct.label_names)
+    ct = load_ct(args.ct, labels_path=args.labels, label_table=args.label_table, label_set=args.label_set,
+                 resample_labels=args.resample_labels)
+    lid = ct.structure_id(args.target)
+    cache.mkdir(parents=True, exist_ok=True)
     surf_path = out / f"surface_{args.target}.npz"
     if not surf_path.exists():
         say(f"extracting the bone surface of {args.target} (PPC)")
@@ -118,7 +147,8 @@ def prepare(args) -> Path:
     net, history = train_scr(views, norm, cfg, cache / "scr_checkpoint.pt", device=device, progress=progress, init_from=args.init_from)
     meta = {
         "size": args.size, "stride": cfg.stride, "widths": list(cfg.widths), "center_ct_mm": list(center), "scale_mm": norm.scale_mm,
-        "target": str(args.target), "ct": str(args.ct), "sdd_mm": args.sdd_mm, "detector_mm": args.detector_mm,
+        "target": str(args.target), "label_names": getattr(ct.label_names, "source", ""), "ct": str(args.ct), "sdd_mm": args.sdd_mm,
+        "detector_mm": args.detector_mm,
         "quality": args.quality, "training": {"views": json.loads(json.dumps(asdict(spec))), "config": json.loads(json.dumps(asdict(cfg))),
                                                "history": history, "device": device, "seconds": round(time.time() - t0)},
     }
@@ -144,6 +174,12 @@ def prepare(args) -> Path:
 def main(argv=None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)
+    # the library's notes (which label names, a resampled label map) go to stderr; --quiet keeps the warnings only
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    lib_log = logging.getLogger("reg2d3d_ros")
+    lib_log.addHandler(handler)
+    lib_log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     return run_cli(lambda: prepare(args), "python -m reg2d3d_ros.prepare")
 
 

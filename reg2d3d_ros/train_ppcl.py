@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from .errors import ConfigError, run_cli
+from .volume import add_label_arguments
 
 QUALITY = {
     # frames per (vertebra, view), starts per frame, epochs
@@ -47,7 +48,8 @@ def training_parser(prog: str, description: str, out: str, cache: str, what: str
     ap.add_argument("--size", type=int, default=size, help="frame size, pixels (detector 307 mm)")
     ap.add_argument("--ct", type=Path, help="CT (NIfTI); default: the example CT")
     ap.add_argument("--labels", type=Path, help="label map of --ct")
-    ap.add_argument("--label-table", type=Path, help="label names of --labels (csv/json)")
+    ap.add_argument("--label-table", type=Path, help="label names of --labels, CSV with columns structure,id (default: TotalSegmentator's, built in)")
+    add_label_arguments(ap)
     ap.add_argument("--seed", type=int, default=seed)
     return ap
 
@@ -152,8 +154,9 @@ def training_setup(args, epochs_scale: float = 1.0, quality: dict | None = None)
             print(f"warning: {bad} is a test vertebra of the evaluation; its results will not be held out", file=sys.stderr)
     if args.ct is not None:
         if args.labels is None:
-            raise ConfigError("--ct needs --labels (and --label-table)")
-        ct = load_ct(args.ct, labels_path=args.labels, label_table=args.label_table)
+            raise ConfigError("--ct needs --labels")
+        ct = load_ct(args.ct, labels_path=args.labels, label_table=args.label_table, label_set=args.label_set,
+                     resample_labels=args.resample_labels)
     else:
         ct = load_example()
     return ct, vertebrae, frames, starts, epochs

@@ -123,3 +123,16 @@ def test_tracking_evaluation_runs_the_node_pipeline_and_reports_each_sequence():
     assert r["vertebra"] == "T10" and r["frames"] == 5 and len(r["per_frame_mrpd_mm"]) == 5
     assert 1 <= r["published"] <= 5 and r["published"] + r["judged_lost"] == 5
     assert r["per_frame_mrpd_mm"][0] is not None and r["per_frame_mrpd_mm"][0] < 3.0  # frame 0 starts at its ground truth
+
+
+def test_a_polished_method_also_yields_its_unpolished_rows():
+    """run_ppc --polish reports the search with and without the polish from the same runs."""
+    from reg2d3d_ros.eval.run_ppc import registration_tables, without_polish
+
+    rows = [{"vertebra": "T8", "view": "ap", "initial_mtre_mm": 3.0 + i, "final_mrpd_mm": 0.4, "mrpd_before_polish_mm": 2.5 if i == 0 else 0.9,
+             "iterations": 10, "seconds": 6.0, "polish_seconds": 2.0, "inlier_fraction": 0.6} for i in range(4)]
+    plain = without_polish(rows)
+    assert [r["final_mrpd_mm"] for r in plain] == [2.5, 0.9, 0.9, 0.9] and all(r["seconds"] == 4.0 for r in plain)
+    assert rows[0]["final_mrpd_mm"] == 0.4  # the polished rows are left as they are
+    _, summaries = registration_tables({"search": plain, "search + polish": rows}, ["ap"], 30.0)
+    assert summaries["search"]["sr_percent"] == 75.0 and summaries["search + polish"]["sr_percent"] == 100.0

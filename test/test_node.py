@@ -495,3 +495,187 @@ def test_scr_initialises_without_initial_pose_and_hands_over_to_tracking(t8_bag,
         # registration); along the beam one view leaves it uncertain (mTRE, here about 17 mm)
         assert err_rpd < 2.0, f"frame {i}: mRPD {err_rpd:.2f} mm (modes {modes})"
         assert err < 30.0, f"frame {i}: mTRE {err:.2f} mm (modes {modes})"
+
+
+# -- issue 19: parameters, label names and grids, lock-step replay ----------------------------------
+def node_command(params: dict) -> list:
+    """The node's command line with parameters (as :func:`start_node` builds it)."""
+    args = [sys.executable, "-m", "reg2d3d_ros.registration_node", "--ros-args"]
+    for k, v in params.items():
+        args += ["-p", f"{k}:={v}"]
+    return args
+
+
+def test_wrong_parameters_end_the_node_with_one_line_and_status_2(tmp_path):
+    env = graph_env(tmp_path)
+    search = "parameter search_range_mm must be a number in [0, 100] (unit: mm); got "
+    cases = [
+        ({"search_range_mm": "-5"}, search + "-5"),
+        ({"search_range_mm": "-5.0"}, search + "-5"),
+        ({"search_range_mm": "abc"}, search + "'abc' (text)"),
+        ({"min_correspondences": "2.5"}, "parameter min_correspondences must be an integer in [0, 100000] (unit: count); got 2.5 (a number)"),
+        ({"label_set": "v3", "publish_overlay": "3"}, "parameter label_set must be one of auto, totalseg_v2, totalseg_v1; got 'v3'; "
+                                                      "parameter publish_overlay must be true or false; got 3 (an integer)"),
+    ]
+    for params, expected in cases:
+        res = run_tool(node_command(params), env, timeout=60)
+        out = (res.stdout + res.stderr).strip()
+        assert res.returncode == 2, out
+        assert out.splitlines() == [f"registration_node: error: {expected}"], out  # one line: no traceback, clean teardown
+
+
+def _param_client(n, srv_type, name):
+    client = n.g.node.create_client(srv_type, f"/registration_node/{name}")
+    assert client.wait_for_service(timeout_sec=20.0), f"no /registration_node/{name} service"
+    return client
+
+
+def _call(n, client, request):
+    fut = client.call_async(request)
+    n.g.wait_for(fut.done, 20.0, "a parameter service answer")
+    return fut.result()
+
+
+def test_integer_literals_are_taken_and_run_time_sets_are_checked(node_factory):
+    from rcl_interfaces.msg import ParameterType
+    from rcl_interfaces.srv import GetParameters, SetParameters
+    from rclpy.parameter import Parameter, parameter_value_to_python
+
+    # as users type them: an integer for a double, a label id for the target; no CT (the node waits for one)
+    n = node_factory({"search_range_mm": 20, "target": 29, "lost_inlier_fraction": 0})
+    n.g.wait_for(lambda: last_diagnostics(n.diag).get("state") == "waiting_for_ct", 30.0, "diagnostics")
+    get = _param_client(n, GetParameters, "get_parameters")
+
+    def values(*names):
+        res = _call(n, get, GetParameters.Request(names=list(names)))
+        return [(v.type, parameter_value_to_python(v)) for v in res.values]
+
+    assert values("search_range_mm", "target", "lost_inlier_fraction") == [
+        (ParameterType.PARAMETER_DOUBLE, 20.0), (ParameterType.PARAMETER_STRING, "29"), (ParameterType.PARAMETER_DOUBLE, 0.0)]
+    setp = _param_client(n, SetParameters, "set_parameters")
+    tries = [("lost_inlier_fraction", 2.0), ("lost_inlier_fraction", "abc"), ("search_range_mm", 10.0), ("lost_inlier_fraction", 1),
+             ("min_correspondences", 40.0)]
+    res = _call(n, setp, SetParameters.Request(parameters=[Parameter(k, value=v).to_parameter_msg() for k, v in tries]))
+    ok = [r.successful for r in res.results]
+    assert ok == [False, False, False, True, True], [r.reason for r in res.results]
+    assert "lost_inlier_fraction" in res.results[0].reason and "1.0" in res.results[0].reason  # rclpy's range check
+    assert "read-only" in res.results[2].reason
+    assert values("lost_inlier_fraction", "min_correspondences") == [(ParameterType.PARAMETER_DOUBLE, 1.0), (ParameterType.PARAMETER_INTEGER, 40)]
+    assert n.proc.poll() is None
+    n.g.wait_for(lambda: "search_range_mm is read-only" in n.log.read_text(), 5.0, "the refusals in the log")
+    log = n.log.read_text()
+    assert "run-time set refused: parameter lost_inlier_fraction must be a number in [0, 1] (unit: fraction); got 2" in log
+    assert "got 'abc' (text)" in log and "Traceback" not in log
+
+
+@pytest.fixture(scope="module")
+def labels_on_another_grid(tmp_path_factory):
+    """The example's label map, 10 voxels wider along i (origin moved by as much): another grid, same anatomy."""
+    import SimpleITK as sitk
+
+    from reg2d3d_ros.example import example_paths
+
+    lab = sitk.ReadImage(str(example_paths().labels))
+    arr = sitk.GetArrayFromImage(lab)
+    wide = np.zeros(arr.shape[:2] + (arr.shape[2] + 10,), arr.dtype)
+    wide[:, :, 10:] = arr
+    out = sitk.GetImageFromArray(wide)
+    out.SetSpacing(lab.GetSpacing())
+    out.SetDirection(lab.GetDirection())
+    out.SetOrigin(lab.TransformContinuousIndexToPhysicalPoint((-10.0, 0.0, 0.0)))
+    path = tmp_path_factory.mktemp("labels") / "wide_mask.nii.gz"
+    sitk.WriteImage(out, str(path))
+    return path
+
+
+@pytest.mark.parametrize("case", ["built-in names", "label id", "another grid", "another grid, resampled"])
+def test_label_names_are_built_in_and_the_label_grid_is_checked(node_factory, labels_on_another_grid, case):
+    from reg2d3d_ros.example import example_paths
+
+    ex = example_paths()
+    params = {"ct_path": ex.ct, "labels_path": ex.labels, "target": "L3"}  # no label_table_path
+    if case == "label id":
+        params["target"] = 29  # vertebrae_L3 in TotalSegmentator v2
+    elif case.startswith("another grid"):
+        params["labels_path"] = labels_on_another_grid
+        params["resample_labels"] = case.endswith("resampled")
+    n = node_factory(params)
+    if case == "another grid":
+        d = n.g.wait_for(lambda: "not on the grid of the CT" in last_diagnostics(n.diag).get("last_error", "") and last_diagnostics(n.diag),
+                         60.0, "the grid error on diagnostics")
+        assert d["state"] == "waiting_for_ct" and d["_level"] == 2 and "resample_labels:=true" in d["last_error"]
+        assert "label map 522x512x133 voxels" in d["last_error"] and "CT 512x512x133 voxels" in d["last_error"]
+    else:
+        n.wait_state("initialising", 120.0)
+    assert n.proc.poll() is None
+    log = n.log.read_text()
+    assert "Traceback" not in log
+    if case != "another grid":
+        assert "label names of" in log and "TotalSegmentator v2 names" in log
+    if case == "another grid, resampled":
+        assert "resampled onto the CT grid (nearest neighbour" in log
+
+
+def _tiny_image_bag(path, n_frames: int):
+    """A bag of ``n_frames`` 16x16 mono8 frames on /carm/image, 0.1 s apart."""
+    from rclpy.serialization import serialize_message
+    from rosbags.rosbag2 import Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    with Writer(path, version=9) as w:
+        conn = w.add_connection("/carm/image", "sensor_msgs/msg/Image", typestore=get_typestore(Stores.ROS2_KILTED))
+        for i in range(n_frames):
+            stamp = 10**9 + i * 10**8
+            w.write(conn, stamp, serialize_message(image_msg(np.full((16, 16), i + 1, np.uint8), "mono8", stamp)))
+    return path
+
+
+def test_lockstep_replay_stops_when_the_node_plainly_does_not_answer(node_factory, tmp_path):
+    # the node listens elsewhere: none of the frames reaches it, and its /diagnostics say so
+    n = node_factory({"image_topic": "/elsewhere/image"})
+    n.g.wait_for(lambda: last_diagnostics(n.diag).get("state") == "waiting_for_ct", 30.0, "diagnostics")
+    bag = _tiny_image_bag(tmp_path / "frames", 10)
+    t0 = time.monotonic()
+    res = run_tool([sys.executable, "-m", "reg2d3d_ros.replay", str(bag), "--rate", "0", "--lockstep", "/registration/pose"], n.env, timeout=120)
+    took = time.monotonic() - t0
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+    assert "the node answered none of the last 3 frames on /carm/image, so the replay stopped after 3 of 10 frames" in res.stderr
+    assert "frame 1 of 10 on /carm/image (bag time 1.000 s) unanswered: the node did not receive it" in res.stderr
+    assert "frame 3 of 10" in res.stderr and "frame 4 of 10" not in res.stderr
+    assert took < 60.0, f"{took:.0f} s"  # not 10 frames x the timeout
+
+
+def test_lockstep_wait_gives_up_on_a_silent_node_and_counts_what_it_did(monkeypatch):
+    import threading
+
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+
+    from reg2d3d_ros.ros import replay
+
+    def diag(received, done):
+        st = DiagnosticStatus(name="reg2d3d_ros: registration", values=[
+            KeyValue(key="state", value="tracking"), KeyValue(key="frames_received", value=str(received)),
+            KeyValue(key="frames_processed", value=str(done)), KeyValue(key="frames_dropped", value="0")])
+        return DiagnosticArray(status=[st])
+
+    monkeypatch.setattr(replay, "SILENT_S", 0.5)
+    monkeypatch.setattr(replay, "RECEIVE_S", 0.5)
+    stop = threading.Event()
+    w = replay.LockstepWatch()
+    w.on_diagnostics(diag(4, 4))
+    # the node goes silent: given up after SILENT_S, not the timeout
+    t0 = time.monotonic()
+    why = replay.wait_for_answer(w, time.sleep, w.answers, 5, 5, 30.0, stop)
+    assert "published no /diagnostics" in why and time.monotonic() - t0 < 5.0
+    # alive, received the frame, busy: waits (here until the timeout)
+    w2 = replay.LockstepWatch()
+    why = replay.wait_for_answer(w2, lambda t: (w2.on_diagnostics(diag(5, 4)), time.sleep(t)), 0, 5, 5, 1.5, stop)
+    assert why == "no answer within 1.5 s"
+    # alive but the frame never arrived: given up after RECEIVE_S (and a diagnostics message 1 s after sending)
+    w3 = replay.LockstepWatch()
+    why = replay.wait_for_answer(w3, lambda t: (w3.on_diagnostics(diag(4, 4)), time.sleep(t)), 0, 5, 5, 30.0, stop)
+    assert why.startswith("the node did not receive it")
+    # done: the answer topic, or the diagnostics' count
+    w4 = replay.LockstepWatch()
+    assert replay.wait_for_answer(w4, lambda t: w4.on_diagnostics(diag(5, 5)), 0, 5, 5, 30.0, stop) == ""

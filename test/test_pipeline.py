@@ -41,6 +41,12 @@ def test_configuration_and_load_errors(tmp_path):
         RegistrationPipeline(PipelineConfig(tracker="magic"))
     with pytest.raises(ConfigError, match="search_range_mm must be in"):
         RegistrationPipeline(PipelineConfig(search_range_mm=-5.0))
+    from reg2d3d_ros.pipeline import ppc_configs
+
+    assert ppc_configs(PipelineConfig())[0].polish_levels and not ppc_configs(PipelineConfig(polish=False))[0].polish_levels
+    guarded, track = ppc_configs(PipelineConfig())
+    assert guarded.guard and guarded.search_select == "gc" and not track.guard  # the tracking update is not guarded
+    assert not ppc_configs(PipelineConfig(guard=False))[0].guard
     with pytest.raises(ConfigError, match="ct_path"):
         RegistrationPipeline(PipelineConfig()).load()
     with pytest.raises(CTLoadError, match="does not exist"):
@@ -225,8 +231,10 @@ class FakeRegistrator:
 
 def fake_pipeline(registrator, scr=None, initial_pose: bool = True):
     """A pipeline on 8x8 frames around a stand-in registrator (and SCR), camera info set."""
-    # the stand-ins return poses without images behind them: no gradient correlation to check
-    pipe = RegistrationPipeline(PipelineConfig(accept_gradient_correlation=0.0))
+    # the stand-ins return poses without images behind them: no gradient correlation or peak to
+    # check; the inlier-fraction rules are tested with the 0.85 of the in-plane tracker
+    pipe = RegistrationPipeline(PipelineConfig(accept_gradient_correlation=0.0, max_peak_offset_mm=0.0, lost_relative_gc=0.0,
+                                               lost_relative_fraction=0.85))
     pipe.registrator, pipe.state, pipe.scr = registrator, INITIALISING, scr
     pipe.set_camera_info([100.0, 0, 3.5, 0, 100.0, 3.5, 0, 0, 1], 8, 8)
     if initial_pose:
@@ -263,14 +271,14 @@ def test_relative_inlier_drop_is_judged_lost():
     assert res.T_optical_from_ct is not None and res.state == TRACKING
 
 
-def test_a_20mm_jump_is_recovered_by_the_in_plane_search(setting):
+def test_a_12mm_jump_is_recovered_by_the_in_plane_search(setting):
     """After a loss, PPC's registration from the last good pose starts with the global in-plane
-    search (search_range_mm, default 30): a jump beyond PPC's local capture range is recovered."""
+    search (search_range_mm, default 15): a jump beyond PPC's local capture range is recovered."""
     from reg2d3d_ros.example import load_example
     from reg2d3d_ros.sim import XrayDegradation, simulate_sequence, xray_renderer
 
     pipe, seq, pts, mrpd, poses = setting["pipe"], setting["seq"], setting["pts"], setting["mrpd"], setting["poses"]
-    assert pipe.register_config.search_range_mm == 30.0
+    assert pipe.register_config.search_range_mm == PipelineConfig().search_range_mm == 15.0
     pipe.reset()
     ci = seq.intrinsics.to_camera_info()
     pipe.set_camera_info(ci["k"], ci["width"], ci["height"])
@@ -278,7 +286,7 @@ def test_a_20mm_jump_is_recovered_by_the_in_plane_search(setting):
     res = pipe.process(*frame(seq, 0))
     assert res.state == TRACKING and float(mrpd(res.T_optical_from_ct, poses[0], pts)) < 2.0
     jump = torch.eye(4, dtype=torch.float64)
-    jump[:3, 3] = torch.tensor([-12.0, 16.0, 0.0], dtype=torch.float64)  # 20 mm across the image
+    jump[:3, 3] = torch.tensor([-7.2, 9.6, 0.0], dtype=torch.float64)  # 12 mm across the image
     T_jump = jump @ poses[0]
     jseq = simulate_sequence(xray_renderer(load_example()), seq.intrinsics, T_jump[None], XrayDegradation(), seed=6)
     threshold = pipe.config.lost_inlier_fraction
@@ -316,12 +324,15 @@ def test_initialisations_below_the_acceptance_thresholds_publish_nothing(setting
     ci = seq.intrinsics.to_camera_info()
     pipe.set_camera_info(ci["k"], ci["width"], ci["height"])
     default = pipe.config.accept_gradient_correlation
-    assert default == 0.3
+    assert default == 0.1
     try:
         pipe.config.accept_gradient_correlation = 0.05
         pipe.set_initial_pose(poses[0])
         r = pipe.process(*frame(seq, 0))
         assert r.T_optical_from_ct is not None and 0.05 <= r.details["gradient_correlation"] <= 1.0, r.error
+        # the polish (on by default) ran, was kept, and the published pose is near the truth
+        assert pipe.register_config.polish_levels and r.details["polish"]["kept"] and r.details["polish"]["ms"] > 0
+        assert float(setting["mrpd"](r.T_optical_from_ct, poses[0], setting["pts"])) < 1.0
         gc = r.details["gradient_correlation"]
         pipe.reset()
         pipe.config.accept_gradient_correlation = min(1.0, gc + 0.05)

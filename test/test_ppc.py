@@ -186,6 +186,17 @@ def test_surface_points_save_load(tmp_path):
         SurfacePoints.load(tmp_path / "bad.npz")
 
 
+def rotated_start(T_gt, pts_ct_mm, axis: int, deg: float, shift_mm=(0.0, 0.0, 0.0)):
+    """``T_gt`` rotated by ``deg`` about optical axis ``axis`` (0 x, 1 y, 2 z) through the
+    points' centre, then shifted by ``shift_mm`` (optical frame): a start pose ``(4, 4)``."""
+    T0 = T_gt.clone()
+    c = T0[:3, :3] @ pts_ct_mm.mean(0) + T0[:3, 3]
+    R = so3_exp(math.radians(deg) * torch.eye(3, dtype=torch.float64)[axis])
+    T0[:3, :3] = R @ T0[:3, :3]
+    T0[:3, 3] = R @ (T0[:3, 3] - c) + c + torch.tensor(shift_mm, dtype=torch.float64)
+    return T0
+
+
 @pytest.fixture(scope="module")
 def tuning_lateral_case():  # noqa: D103
     from reg2d3d_ros.eval.cases import CaseSet, make_cases
@@ -330,12 +341,7 @@ def test_inplane_search_finds_a_start_20mm_off_in_the_image_plane(tuning_lateral
     reg = PPCRegistrator.from_ct(ct, "T7", moving="roi")
     # 20 mm across the image plane (beyond the local search of the coarsest level) and 6 degrees
     # about the principal ray
-    T0 = case.T_gt.clone()
-    c = T0[:3, :3] @ reg.pts.mean(0) + T0[:3, 3]
-    a = math.radians(6.0)
-    Rz = torch.tensor([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]], dtype=torch.float64)
-    T0[:3, :3] = Rz @ T0[:3, :3]
-    T0[:3, 3] = Rz @ (T0[:3, 3] - c) + c + torch.tensor([-12.0, 16.0, 0.0], dtype=torch.float64)
+    T0 = rotated_start(case.T_gt, reg.pts, 2, 6.0, (-12.0, 16.0, 0.0))
     before = float(mrpd(T0, case.T_gt, case.target_pts))
     assert before > 15.0
     found = inplane_search(reg, case.image_att, case.intrinsics, T0, range_mm=30.0)
@@ -364,3 +370,71 @@ def test_pose_gradient_correlation_is_highest_at_the_truth(tuning_lateral_case):
     T = case.T_gt.clone()
     T[2, 3] = -T[2, 3]  # behind the source: nothing projects
     assert pose_gradient_correlation(reg, case.image_att, case.intrinsics, T) == 0.0
+
+
+def test_polish_makes_a_nearby_pose_more_precise_and_a_long_move_is_discarded(tuning_lateral_case):
+    from dataclasses import replace
+
+    from reg2d3d_ros.errors import ConfigError
+    from reg2d3d_ros.eval import mrpd
+    from reg2d3d_ros.ppc import PPCConfig, PPCRegistrator
+
+    ct, case, _ = tuning_lateral_case
+    reg = PPCRegistrator.from_ct(ct, "T7", moving="roi")
+    # about 2 mm off: in-plane shift and a rotation about an image-plane axis
+    T0 = rotated_start(case.T_gt, reg.pts, 0, 3.0, (1.2, -1.0, 0.0))
+    before = float(mrpd(T0, case.T_gt, case.target_pts))
+    assert 1.5 < before < 4.0
+    cfg = replace(PPCConfig(), polish_levels=(0.25, 0.5), polish_iterations=(15, 10), polish_max_mm=20.0)  # it also moves in depth
+    p = reg.polish(case.image_att, case.intrinsics, T0, config=cfg)
+    after = float(mrpd(p["T"], case.T_gt, case.target_pts))
+    assert p["kept"] and after < 0.5 * before and after < 1.0, (before, after, {k: v for k, v in p.items() if not k.startswith("T")})
+    assert p["gc_after"] > p["gc_before"]  # a kept polish raised the gradient correlation
+    assert 0.5 < p["moved_mm"] < cfg.polish_max_mm and torch.equal(p["T_before"], T0)
+    # a polish that moves more than polish_max_mm is discarded: register returns the PPC pose
+    tight = replace(cfg, polish_max_mm=1e-3)
+    r = reg.register(case.image_att, case.intrinsics, T0, config=tight)
+    assert r.polish["kept"] is False and r.polish["moved_mm"] > 1e-3
+    assert torch.equal(r.T_optical_from_ct, r.polish["T_before"])
+    with pytest.raises(ConfigError, match="polish_levels and polish_iterations"):
+        PPCConfig(polish_levels=(0.25, 0.5), polish_iterations=(10,))
+    with pytest.raises(ConfigError, match="positive"):
+        PPCConfig(polish_max_mm=0.0)
+
+
+def test_guard_keeps_a_good_start_where_unguarded_ppc_walks_away(tuning_lateral_case):
+    """A start 12 degrees off about the image's vertical axis (out of plane, weakly observed in
+    one view): plain PPC's updates make it worse; guarded updates never lower the gradient
+    correlation within a level and end better than the start."""
+    from dataclasses import replace
+
+    from reg2d3d_ros.errors import ConfigError
+    from reg2d3d_ros.eval import mrpd
+    from reg2d3d_ros.ppc import PPCConfig, PPCRegistrator
+    from reg2d3d_ros.ppc.search import GradientCorrelation
+
+    ct, case, _ = tuning_lateral_case
+    reg = PPCRegistrator.from_ct(ct, "T7", moving="roi")
+    T0 = rotated_start(case.T_gt, reg.pts, 1, -12.0)
+    before = float(mrpd(T0, case.T_gt, case.target_pts))
+    assert 1.5 < before < 2.0
+    plain = float(mrpd(reg.register(case.image_att, case.intrinsics, T0).T_optical_from_ct, case.T_gt, case.target_pts))
+    assert plain > before + 0.5, "premise: unguarded PPC walks away from this start"
+    r = reg.register(case.image_att, case.intrinsics, T0, config=replace(PPCConfig(), guard=True))
+    after = float(mrpd(r.T_optical_from_ct, case.T_gt, case.target_pts))
+    assert after < before < 2.0, (before, after, plain)
+    # within a level, the accepted updates' scores never decrease
+    by_level = {}
+    for st in r.history:
+        assert "accepted" in st and st["step"] in (1.0, 0.5, -1.0, 0.0)
+        if st["accepted"]:
+            by_level.setdefault(st["level"], []).append(st["gradient_correlation"])
+    assert by_level and all(b >= a_ for v in by_level.values() for a_, b in zip(v, v[1:])), by_level
+    score = GradientCorrelation(reg, case.image_att, case.intrinsics, level=0.5)
+    assert r.gradient_correlation == pytest.approx(score(r.T_optical_from_ct)) and r.gradient_correlation > score(T0)
+    with pytest.raises(ConfigError, match="needs guard=True"):
+        PPCConfig(search_select="gc")
+    with pytest.raises(ConfigError, match="search_select"):
+        PPCConfig(guard=True, search_select="best")
+    with pytest.raises(ConfigError, match="guard_patience"):
+        PPCConfig(guard=True, guard_patience=0)

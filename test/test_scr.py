@@ -176,11 +176,13 @@ def test_tiny_prepare_trains_exports_and_the_pipeline_uses_it(tmp_path):
 
     ex = example_paths()
     out = tmp_path / "models"
-    cmd = [sys.executable, "-m", "reg2d3d_ros.prepare", "--ct", str(ex.ct), "--labels", str(ex.labels), "--label-table", str(ex.label_table),
+    # no --label-table: TotalSegmentator's names are built in (the example's map is v2)
+    cmd = [sys.executable, "-m", "reg2d3d_ros.prepare", "--ct", str(ex.ct), "--labels", str(ex.labels),
            "--target", "T8", "--out", str(out), "--quality", "tiny", "--size", "64", "--epochs", "3", "--quiet"]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     meta = json.loads((out / "scr.json").read_text())
+    assert meta["label_names"].startswith("TotalSegmentator v2 names")
     hist = meta["training"]["history"]
     assert len(hist) == 3 and hist[-1]["train_loss"] < hist[0]["train_loss"]
     # resumable: a second run finds the views and the finished checkpoint and does not train again
@@ -212,3 +214,36 @@ def test_prepare_reports_user_errors_without_traceback(tmp_path):
     res = subprocess.run([sys.executable, "-m", "reg2d3d_ros.prepare", "--ct", str(tmp_path / "nope.nii.gz"), "--labels", str(tmp_path / "l.nii.gz"),
                           "--out", str(tmp_path / "o"), "--quiet"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "error:" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_prepare_names_label_problems_and_leaves_no_empty_folders(tmp_path):
+    """Issue 19: an empty target, a label map on another grid, a CT that is no volume: exit 2, one message, no empty OUT/cache."""
+    import SimpleITK as sitk
+
+    from reg2d3d_ros.example import example_paths
+
+    def prepare(*args):
+        return subprocess.run([sys.executable, "-m", "reg2d3d_ros.prepare", *map(str, args), "--quality", "tiny", "--quiet"],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    ex = example_paths()
+    out = tmp_path / "models"
+    res = prepare("--ct", ex.ct, "--labels", ex.labels, "--target", "C1", "--out", out)  # the example stops at C5
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"structure 'C1' (vertebrae_C1, id 50) has no voxels in {ex.labels}" in res.stderr and "its vertebrae: C5" in res.stderr
+    assert not out.exists()  # neither OUT nor OUT/cache is left behind
+    ct = sitk.GetImageFromArray(np.zeros((12, 101, 122), np.int16))
+    labels = sitk.GetImageFromArray(np.zeros((12, 101, 132), np.uint8))
+    sitk.WriteImage(ct, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(labels, str(tmp_path / "labels.nii.gz"))
+    out.mkdir()  # an existing (empty) folder stays; the cache this run would make does not
+    res = prepare("--ct", tmp_path / "ct.nii.gz", "--labels", tmp_path / "labels.nii.gz", "--target", "L3", "--out", out)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "is not on the grid of the CT" in res.stderr and "label map 132x101x12 voxels" in res.stderr and "CT 122x101x12" in res.stderr
+    assert "--resample-labels" in res.stderr
+    assert out.is_dir() and not any(out.iterdir())
+    (tmp_path / "text.nii.gz").write_text("not a volume")
+    res = prepare("--ct", tmp_path / "text.nii.gz", "--labels", tmp_path / "labels.nii.gz", "--out", tmp_path / "o2")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "cannot read CT" in res.stderr and "file format was not recognised" in res.stderr
+    assert ".cxx" not in res.stderr and "sitk::" not in res.stderr and not (tmp_path / "o2").exists()

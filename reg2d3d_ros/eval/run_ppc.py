@@ -67,11 +67,20 @@ def evaluate_registration(ct, cases, configs: dict, progress: bool = True, learn
                         "inlier_fraction": r.inlier_fraction,
                     }
                 )
+                if r.polish:
+                    out[name][-1].update(
+                        mrpd_before_polish_mm=float(mrpd(r.polish["T_before"], case.T_gt, case.target_pts)),
+                        polish_seconds=r.polish["seconds"], polish_kept=bool(r.polish["kept"]), polish_moved_mm=r.polish["moved_mm"])
             if progress:
                 rows = out[name][-len(case.starts):]
                 sr = 100 * np.mean([r["final_mrpd_mm"] < 2 for r in rows])
                 print(f"  [{ci + 1}/{len(cases)}] {case.vertebra} {case.view:7s} {name}: SR {sr:.0f}%", flush=True)
     return out
+
+
+def without_polish(rows: list) -> list:
+    """The rows of a polished method as the method without the polish: the PPC pose's error, the time less the polish's."""
+    return [{**r, "final_mrpd_mm": r["mrpd_before_polish_mm"], "seconds": r["seconds"] - r["polish_seconds"]} for r in rows]
 
 
 def optimum_offsets(ct, cases, moving: str = "target") -> list:
@@ -95,7 +104,8 @@ def optimum_offsets(ct, cases, moving: str = "target") -> list:
 
 
 def evaluate_tracking(ct, vertebrae, views, n_frames: int, size: int, seed: int, progress: bool = True, jump_frame: int = 40,
-                      jump_mm: float = 15.0, moving: str = "target", search_range_mm: float = 0.0) -> list:
+                      jump_mm: float = 15.0, moving: str = "target", search_range_mm: float = 0.0, polish: bool = False,
+                      guard: bool = False) -> list:
     """Track simulated sequences through the node's pipeline, with one sudden jump.
 
     Each sequence is smooth motion (breathing + drift) with, at ``jump_frame``, a sudden
@@ -129,7 +139,7 @@ def evaluate_tracking(ct, vertebrae, views, n_frames: int, size: int, seed: int,
             if 0 < jump_frame < n_frames:
                 poses[jump_frame:, 0, 3] += jump_mm  # optical x: the vertebra jumps across the image
             seq = simulate_sequence(renderer, setup.intrinsics(), poses, XrayDegradation(), seed=s)
-            pipe = RegistrationPipeline(PipelineConfig(moving_image=moving, search_range_mm=search_range_mm))
+            pipe = RegistrationPipeline(PipelineConfig(moving_image=moving, search_range_mm=search_range_mm, polish=polish, guard=guard))
             pipe.registrator, pipe.state = reg, INITIALISING
             pipe.register_config, pipe.track_config = ppc_configs(pipe.config)
             ci = setup.intrinsics().to_camera_info()
@@ -264,7 +274,7 @@ def write_report(out: Path, meta: dict, reg_results: dict, tracking: list, optim
             "translation; depth and out-of-plane rotation keep the last registration's values). A frame is judged lost (no pose) when "
             "its inlier fraction is below 0.3 or below 0.85 x its recent level; the next frame is then re-initialised from the last "
             "good pose" + (f" by PPC with the in-plane search ({meta['search_mm']:.0f} mm, as the node does by default)" if meta.get("search_mm") else
-                           " by PPC without the in-plane search") + "; a (re-)initialisation whose gradient correlation with the frame is below "
+                           " by PPC without the in-plane search") + (" and the polish" if meta.get("polish") else "") + (", guarded" if meta.get("guard") else "") + "; a (re-)initialisation whose gradient correlation with the frame is below "
             f"{meta.get('accept_gradient_correlation', 0.0):g} publishes nothing (`accept_gradient_correlation`). 'Wrong poses published': poses with mRPD > 2 mm that the node would have published.",
             "",
             "| vertebra | view | motion before the jump [mm] | poses / frames | judged lost | median mRPD of published [mm] | p95 | max | wrong poses published (before the jump) | jump caught | frames to recover | update median / p95 [ms] |",
@@ -299,6 +309,13 @@ def main(argv=None) -> int:
                     help="moving image: the target's bone only, or all bone of the crop around it (PPCRegistrator.from_ct)")
     ap.add_argument("--search-mm", type=float, default=0.0,
                     help="also run 'PPC + in-plane search' (PPCConfig.search_range_mm) and re-initialise tracking with it (0: off)")
+    ap.add_argument("--polish", action="store_true",
+                    help="with --search-mm: polish the search's registrations (PPCConfig.polish_levels, the node's default) and re-initialise "
+                         "tracking with it; the report shows the search with and without the polish (the same runs: the pose before the polish, "
+                         "its time less the polish's)")
+    ap.add_argument("--guard", action="store_true",
+                    help="with --search-mm: guard the search's registrations (pipeline.GUARD_SETTINGS, the node's default: updates judged "
+                         "by the gradient correlation, the search's starts compared by it) and re-initialise tracking with it")
     ap.add_argument("--no-tracking", action="store_true")
     ap.add_argument("--quick", action="store_true", help="2 cases, 4 starts, 10 tracking frames (a smoke run)")
     ap.add_argument("--only-tracking", action="store_true",
@@ -330,7 +347,8 @@ def _run(args, argv) -> int:
         tracking = stored["tracking"]
         if args.only_tracking:
             tracking = evaluate_tracking(ct, case_set.vertebrae, case_set.views, meta["track_frames"], meta["track_size"], case_set.seed + 500,
-                                         moving=meta.get("moving", "target"), search_range_mm=meta.get("search_mm", 0.0))
+                                         moving=meta.get("moving", "target"), search_range_mm=meta.get("search_mm", 0.0),
+                                         polish=meta.get("polish", False), guard=meta.get("guard", False))
             meta["accept_gradient_correlation"] = PipelineConfig().accept_gradient_correlation
             meta["argv"] += " (tracking re-run with: " + " ".join(argv if argv is not None else sys.argv[1:]) + ")"
         write_report(args.out, meta, stored["registration"], tracking, optimum_offsets(ct, cases, moving=meta.get("moving", "target")))
@@ -340,14 +358,29 @@ def _run(args, argv) -> int:
     print(f"generating {len(case_set.vertebrae) * len(case_set.views)} cases x {args.starts} starts ({args.size}x{args.size})", flush=True)
     cases = make_cases(ct, case_set, args.starts, max_mtre_mm=args.max_mtre, setup=setup)
     configs = {"PPC": PPCConfig()}
+    search_name = "PPC + in-plane search"
     if args.search_mm > 0:
-        configs["PPC + in-plane search"] = replace(PPCConfig(), search_range_mm=args.search_mm)
+        configs[search_name] = replace(PPCConfig(), search_range_mm=args.search_mm)
+        if args.polish:
+            from ..pipeline import POLISH_ITERATIONS, POLISH_LEVELS
+
+            configs[search_name] = replace(configs[search_name], polish_levels=POLISH_LEVELS, polish_iterations=POLISH_ITERATIONS)
+        if args.guard:
+            from ..pipeline import GUARD_SETTINGS
+
+            configs[search_name + " + guard"] = replace(configs.pop(search_name), **GUARD_SETTINGS)
+            search_name += " + guard"
     if not args.no_wang:
         configs["PPC, classic recipe (no anchor, no in-plane phase)"] = WANG_CONFIG
     reg = evaluate_registration(ct, cases, configs, moving=args.moving)
+    if args.search_mm > 0 and args.polish:
+        polished = reg.pop(search_name)
+        reg[search_name] = without_polish(polished)
+        reg[search_name + " + polish"] = polished
     optima = optimum_offsets(ct, cases, moving=args.moving)
     tracking = [] if args.no_tracking else evaluate_tracking(ct, case_set.vertebrae, case_set.views, args.track_frames, args.track_size,
-                                                             case_set.seed + 500, moving=args.moving, search_range_mm=args.search_mm)
+                                                             case_set.seed + 500, moving=args.moving, search_range_mm=args.search_mm,
+                                                             polish=args.search_mm > 0 and args.polish, guard=args.search_mm > 0 and args.guard)
     meta = {
         "argv": " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
@@ -361,6 +394,8 @@ def _run(args, argv) -> int:
         "track_size": args.track_size,
         "moving": args.moving,
         "search_mm": args.search_mm,
+        "polish": bool(args.search_mm > 0 and args.polish),
+        "guard": bool(args.search_mm > 0 and args.guard),
         "accept_gradient_correlation": PipelineConfig().accept_gradient_correlation,
         "track_frames": args.track_frames,
         "configs": {k: asdict(v) for k, v in configs.items()},

@@ -203,12 +203,106 @@ def inplane_search(registrator, image_att, intrinsics, T_start: torch.Tensor, ra
     return out
 
 
+class GradientCorrelation:
+    """Gradient correlation of the registrator's moving image with one frame, as a function of the pose.
+
+    ``score(T)`` is the NGC of the moving gradient at pose ``T`` with the frame's, over the
+    moving image's footprint: the same score as :func:`ngc_map` at zero shift. It looks at the
+    whole projected structure (and, with the ``roi`` moving image, its neighbours) rather than
+    at the contour correspondences a PPC update optimises, so it can judge those updates
+    (``PPCConfig.guard``) and a finished registration (:func:`pose_gradient_correlation`). The
+    frame's gradient is computed once, at construction.
+
+    Parameters
+    ----------
+    registrator : PPCRegistrator
+        Provides the moving image.
+    image_att : np.ndarray or torch.Tensor
+        ``(H, W)`` attenuation-like frame.
+    intrinsics : CArmIntrinsics
+        Camera of the frame.
+    level : float
+        Resolution factor for frames with the registrator's reference pixel size; coarser frames
+        use a proportionally larger one (capped at 1), so the score means the same at any size.
+
+    Attributes
+    ----------
+    evaluations : int
+        Poses scored so far.
+    """
+
+    def __init__(self, registrator, image_att, intrinsics, level: float = 0.5):
+        ref = registrator.config.reference_pixel_mrad
+        pixel_mrad = 1000.0 / float(intrinsics.fx)
+        s = min(1.0, level * max(1.0, pixel_mrad / ref))
+        self.registrator = registrator
+        self.intrinsics = intrinsics.scaled(s)
+        self._grad_fixed = registrator.fixed_gradients(image_att, [s])[s].to(torch.float64)
+        self._energy_fixed = (self._grad_fixed * self._grad_fixed).sum(dim=0)
+        self.evaluations = 0
+
+    def __call__(self, T: torch.Tensor) -> float:
+        """Score in ``[-1, 1]`` of pose ``T`` (``(4, 4)``, mm); 0 when the structure does not project into the frame."""
+        self.evaluations += 1
+        moving = moving_gradient_and_footprint(self.registrator, torch.as_tensor(T, dtype=self.registrator.dtype), self.intrinsics)
+        if moving is None:
+            return 0.0
+        grad, footprint = moving
+        gm = grad.to(torch.float64) * footprint
+        energy_f = float((self._energy_fixed * footprint).sum())
+        energy_m = float((gm * gm).sum())
+        if energy_f <= 1e-12 or energy_m <= 1e-12:
+            return 0.0
+        return float((gm * self._grad_fixed).sum()) / math.sqrt(energy_f * energy_m)
+
+
 def pose_gradient_correlation(registrator, image_att, intrinsics, T: torch.Tensor, level: float = 0.5) -> float:
     """NGC of the moving gradient at pose ``T`` with the frame's, over the moving image's footprint.
 
-    The same score as :func:`ngc_map` at zero shift: a check of a finished registration that
-    looks at the whole projected structure (and, with the ``roi`` moving image, its neighbours)
-    rather than at the contour correspondences the registration itself optimised.
+    One evaluation of :class:`GradientCorrelation` (see there for the parameters): a check of a
+    finished registration.
+
+    Returns
+    -------
+    float
+        In ``[-1, 1]``; 0 when the structure does not project into the frame.
+    """
+    return GradientCorrelation(registrator, image_att, intrinsics, level)(T)
+
+
+@dataclass
+class PeakCheck:
+    """How the gradient correlation at a pose compares with nearby in-plane shifts of it.
+
+    A contrast-free confidence: every number is a ratio or a distance, so it does not change
+    with the frame's gain, offset, dose or display mapping the way absolute scores do.
+
+    Attributes
+    ----------
+    gc : float
+        NGC of the moving gradient with the frame's at the pose (zero shift), in ``[-1, 1]``.
+    peak_gc : float
+        Highest NGC over the shifts searched.
+    peak_offset_mm : float
+        Image-plane distance (mm at the target's depth) from the pose to that highest shift.
+    ring_gc : float
+        Median NGC over the shifts between half the range and the range (the surroundings).
+    """
+
+    gc: float
+    peak_gc: float
+    peak_offset_mm: float
+    ring_gc: float
+
+    @property
+    def prominence(self) -> float:
+        """``(gc - ring_gc) / |gc|``: how far the pose stands out of its surroundings (0 when flat)."""
+        return (self.gc - self.ring_gc) / max(abs(self.gc), 1e-6)
+
+
+def peak_check(registrator, image_att, intrinsics, T: torch.Tensor, range_mm: float = 12.0, level: float = 0.5,
+               grad_fixed: torch.Tensor | None = None) -> PeakCheck | None:
+    """The :class:`PeakCheck` of pose ``T`` (``(4, 4)``, mm) on one frame; ``None`` when the target does not project.
 
     Parameters
     ----------
@@ -220,19 +314,32 @@ def pose_gradient_correlation(registrator, image_att, intrinsics, T: torch.Tenso
         Camera of the frame.
     T : torch.Tensor
         ``(4, 4)`` pose ``T_optical_from_ct``, mm.
+    range_mm : float
+        Largest image-plane shift compared, mm at the target's depth.
     level : float
-        Resolution factor for frames with the registrator's reference pixel size; coarser frames
-        use a proportionally larger one (capped at 1), so the score means the same at any size.
-
-    Returns
-    -------
-    float
-        In ``[-1, 1]``; 0 when the structure does not project into the frame.
+        Resolution factor for frames with the registrator's reference pixel size (coarser
+        frames use a proportionally larger one, capped at 1, as :class:`GradientCorrelation`).
+    grad_fixed : torch.Tensor, optional
+        ``(2, h, w)`` the frame's gradient at that resolution when the caller has it.
     """
     ref = registrator.config.reference_pixel_mrad
-    pixel_mrad = 1000.0 / float(intrinsics.fx)
-    s = min(1.0, level * max(1.0, pixel_mrad / ref))
-    moving = moving_gradient_and_footprint(registrator, torch.as_tensor(T, dtype=registrator.dtype), intrinsics.scaled(s))
-    if moving is None:
-        return 0.0
-    return float(ngc_map(registrator.fixed_gradients(image_att, [s])[s], moving[0], moving[1], 0)[0, 0])
+    s = min(1.0, level * max(1.0, (1000.0 / float(intrinsics.fx)) / ref))
+    intr = intrinsics.scaled(s)
+    if grad_fixed is None:
+        grad_fixed = registrator.fixed_gradients(image_att, [s])[s]
+    T = torch.as_tensor(T, dtype=registrator.dtype)
+    c_opt = T[:3, :3] @ registrator.pts.mean(dim=0) + T[:3, 3]
+    if float(c_opt[2]) <= 0:
+        return None
+    moving = moving_gradient_and_footprint(registrator, T, intr)
+    if moving is None or int(moving[1].sum()) < 16:
+        return None
+    mm_per_px = float(c_opt[2]) / float(intr.fx)
+    m = max(2, int(math.ceil(range_mm / mm_per_px)))
+    ngc = ngc_map(grad_fixed, moving[0], moving[1], m)
+    d = torch.arange(-m, m + 1, dtype=torch.float64) * mm_per_px
+    dist = torch.sqrt(d[:, None] ** 2 + d[None, :] ** 2)
+    k = int(torch.argmax(ngc))
+    ring = ngc[(dist >= 0.5 * range_mm) & (dist <= range_mm)]
+    return PeakCheck(gc=float(ngc[m, m]), peak_gc=float(ngc.flatten()[k]), peak_offset_mm=float(dist.flatten()[k]),
+                     ring_gc=float(ring.median()) if ring.numel() else 0.0)

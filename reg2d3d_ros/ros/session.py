@@ -82,8 +82,8 @@ def run_bag_through_node(bag: Path, params: dict, T_initial_mm, out: Path, rate:
             res = run_tool(
                 [sys.executable, "-m", "reg2d3d_ros.replay", str(bag), "--rate", str(rate), "--qos", "sensor",
                  "--exclude", "/carm/ground_truth_pose", "--wait-subscribers", "1"]
-                + (["--lockstep", "/registration/pose", "--lockstep-timeout", "60"] if lockstep else []),
-                env, timeout=600 + (60 * n_frames if lockstep else 0), cwd=Path.cwd(),
+                + (["--lockstep", "/registration/pose", "--lockstep-timeout", "30"] if lockstep else []),
+                env, timeout=600 + (30 * n_frames if lockstep else 0), cwd=Path.cwd(),
             )
         except TimeoutError as exc:
             raise Reg2D3DError(f"the replay did not finish: {exc}") from None

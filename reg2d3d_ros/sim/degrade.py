@@ -10,6 +10,9 @@ Model (per frame, all images ``(H, W)`` float):
    log-converted, inverted image ``-log(N / I0)`` (bright = more material);
 6. intensity scaling: gain and offset (drawn once per sequence), then quantisation to the
    encoding (``mono16``: 0..65535, ``mono8``: 0..255, ``32FC1``: float).
+
+Steps 2-6 are also functions (:func:`add_scatter`, :func:`detect`, :func:`display_values`,
+:func:`quantise`) that the domain-randomised simulator (:mod:`.randomize`) shares.
 """
 
 from __future__ import annotations
@@ -97,21 +100,145 @@ def degrade(line_integral: np.ndarray, params: XrayDegradation, rng: np.random.G
     L = np.asarray(line_integral, dtype=np.float64)
     I0 = params.photons_per_pixel if params.photons_per_pixel is not None else 1.0e4
     primary = I0 * np.exp(-L)
-    counts = primary
-    if params.scatter_fraction > 0:
-        sigma = max(L.shape) / 8.0
-        counts = counts + params.scatter_fraction * gaussian_filter(primary, sigma, mode="nearest")
-    if params.photons_per_pixel is not None:
-        counts = rng.poisson(counts).astype(np.float64)
-    if params.blur_sigma_px > 0:
-        counts = gaussian_filter(counts, params.blur_sigma_px, mode="nearest")
+    counts = add_scatter(primary, params.scatter_fraction, max(L.shape) / 8.0)
+    counts = detect(counts, rng, noise=params.photons_per_pixel is not None, blur_sigma_px=params.blur_sigma_px)
     enc = params.encoding
-    if params.display == "attenuation":
-        value = -np.log(np.clip(counts, 0.5, None) / I0) * ATTENUATION_SCALE[enc]
-    else:
-        value = counts / I0 * TRANSMISSION_SCALE[enc]
+    scale = ATTENUATION_SCALE[enc] if params.display == "attenuation" else TRANSMISSION_SCALE[enc]
+    value = display_values(counts, I0, params.display) * scale
     value = value * params.gain + params.offset
-    if enc == "32FC1":
+    return quantise(value, enc)
+
+
+# -- image-formation steps shared with :mod:`.randomize` ------------------------------------
+
+
+def add_scatter(primary: np.ndarray, scatter_fraction: float, sigma_px: float, downsample: int = 1, source_weight=None) -> np.ndarray:
+    """Primary fluence plus scatter, ``primary + scatter_fraction * G_sigma(primary * source_weight)``.
+
+    Parameters
+    ----------
+    primary : np.ndarray
+        ``(H, W)`` float32 or float64 primary photons per pixel.
+    scatter_fraction : float
+        Scatter as a fraction of the (locally averaged) primary fluence; 0 returns ``primary``.
+    sigma_px : float
+        Width (Gaussian sigma) of the scatter kernel, pixels.
+    downsample : int
+        1: exact Gaussian at full resolution (what :func:`degrade` uses). ``k > 1``: the
+        kernel is applied to ``k x k`` block means and the result is linearly interpolated
+        back, about ``k^2`` times cheaper; the difference is far below the noise because the
+        scatter field is smooth on the scale of ``sigma_px >> k``.
+    source_weight : np.ndarray, optional
+        ``(H, W)`` dimensionless weight of each pixel's primary as a scatter source (e.g. the
+        line integral, so that unattenuated rays past the patient scatter nothing); default 1.
+
+    Returns
+    -------
+    np.ndarray
+        ``(H, W)`` expected photons per pixel, dtype of ``primary``.
+    """
+    if scatter_fraction <= 0:
+        return primary
+    source = primary if source_weight is None else primary * source_weight
+    if downsample <= 1:
+        return primary + scatter_fraction * gaussian_filter(source, sigma_px, mode="nearest")
+    k = int(downsample)
+    H, W = primary.shape
+    h, w = -(-H // k), -(-W // k)
+    padded = np.pad(source, ((0, h * k - H), (0, w * k - W)), mode="edge")
+    small = padded.reshape(h, k, w, k).mean(axis=(1, 3))
+    small = gaussian_filter(small, sigma_px / k, mode="nearest")
+    Ry, Rx = (_upsample_matrix(n, m, k).astype(primary.dtype, copy=False) for n, m in ((H, h), (W, w)))
+    return primary + scatter_fraction * (Ry @ small @ Rx.T)
+
+
+def _upsample_matrix(n: int, m: int, k: int) -> np.ndarray:
+    """``(n, m)`` linear interpolation from ``m`` block centres (blocks of ``k`` pixels) to ``n`` pixels."""
+    key = (n, m, k)
+    if key not in _UPSAMPLE_CACHE:
+        pos = (np.arange(n) + 0.5) / k - 0.5  # pixel centre in block-index units
+        pos = np.clip(pos, 0.0, m - 1.0)
+        i0 = np.floor(pos).astype(int)
+        i1 = np.minimum(i0 + 1, m - 1)
+        f = pos - i0
+        R = np.zeros((n, m))
+        R[np.arange(n), i0] += 1.0 - f
+        R[np.arange(n), i1] += f
+        _UPSAMPLE_CACHE[key] = R
+    return _UPSAMPLE_CACHE[key]
+
+
+_UPSAMPLE_CACHE: dict = {}
+
+
+def detect(expected: np.ndarray, rng: np.random.Generator, noise: bool, blur_sigma_px: float) -> np.ndarray:
+    """Detector: Poisson quantum noise on the expected counts, then Gaussian blur.
+
+    Parameters
+    ----------
+    expected : np.ndarray
+        ``(H, W)`` float32 or float64 expected photons per pixel.
+    rng : np.random.Generator
+        Source of the noise.
+    noise : bool
+        Draw ``Poisson(expected)`` (False: keep the expected counts).
+    blur_sigma_px : float
+        Detector blur (Gaussian sigma), pixels; 0 disables.
+
+    Returns
+    -------
+    np.ndarray
+        ``(H, W)`` counts, dtype of ``expected``.
+    """
+    counts = expected
+    if noise:
+        counts = rng.poisson(counts).astype(expected.dtype)
+    if blur_sigma_px > 0:
+        counts = gaussian_filter(counts, blur_sigma_px, mode="nearest")
+    return counts
+
+
+def display_values(counts: np.ndarray, photons_ref: float, display: str) -> np.ndarray:
+    """Display mapping of detector counts (before any scaling).
+
+    Parameters
+    ----------
+    counts : np.ndarray
+        ``(H, W)`` photons per pixel.
+    photons_ref : float
+        Unattenuated photons per pixel ``I0`` (the flat-field level).
+    display : str
+        ``attenuation``: ``-log(max(N, 0.5) / I0)`` (dimensionless line integral, bright = more
+        material); ``transmission``: ``N / I0`` (fraction, bright = more photons).
+
+    Returns
+    -------
+    np.ndarray
+        ``(H, W)`` values, dtype of ``counts``.
+    """
+    if display == "attenuation":
+        return -np.log(np.clip(counts, 0.5, None) / photons_ref)
+    return counts / photons_ref
+
+
+def quantise(value: np.ndarray, encoding: str, max_value: int | None = None) -> np.ndarray:
+    """Round and clip to the encoding: ``32FC1`` float32 as is, else integers ``0..max_value``.
+
+    Parameters
+    ----------
+    value : np.ndarray
+        ``(H, W)`` values in encoded units.
+    encoding : str
+        ``mono8``, ``mono16`` or ``32FC1``.
+    max_value : int, optional
+        Largest code (e.g. 4095 for 12-bit data in ``mono16``); default: the container's.
+
+    Returns
+    -------
+    np.ndarray
+        ``(H, W)`` uint8, uint16 or float32.
+    """
+    if encoding == "32FC1":
         return value.astype(np.float32)
-    hi = 65535 if enc == "mono16" else 255
-    return np.clip(np.rint(value), 0, hi).astype(np.uint16 if enc == "mono16" else np.uint8)
+    hi = (65535 if encoding == "mono16" else 255) if max_value is None else max_value
+    return np.clip(np.rint(value), 0, hi).astype(np.uint16 if encoding == "mono16" else np.uint8)

@@ -97,3 +97,55 @@ def project_cylinders(cylinders, T_optical_from_ct: torch.Tensor, K: torch.Tenso
         chord = torch.where(parallel, (torch.maximum(c1, c2) - torch.minimum(c1, c2).clamp(min=0)).clamp(min=0), chord)
         total += c.mu_per_mm * chord
     return total.reshape(height, width)
+
+
+def project_cylinders_roi(cylinders, T_optical_from_ct: torch.Tensor, K: torch.Tensor, height: int, width: int) -> np.ndarray:
+    """:func:`project_cylinders` evaluated only on each cylinder's image bounding box.
+
+    Same values as :func:`project_cylinders` (each cylinder is projected with the intrinsics
+    shifted to its pixel box), much faster for thin objects that cover a small part of the
+    image. A cylinder reaching within its radius of the source plane is projected on the full
+    image.
+
+    Parameters
+    ----------
+    cylinders : list of Cylinder
+        Objects in the CT frame.
+    T_optical_from_ct : torch.Tensor
+        ``(4, 4)`` pose, mm.
+    K : torch.Tensor
+        ``(3, 3)`` intrinsics, pixels.
+    height, width : int
+        Image size.
+
+    Returns
+    -------
+    np.ndarray
+        ``(H, W)`` float64 line integral (dimensionless).
+    """
+    T = T_optical_from_ct.detach().to(torch.float64).cpu()
+    K = K.detach().to(torch.float64).cpu()
+    R, t = T[:3, :3].numpy(), T[:3, 3].numpy()
+    fx, fy, cx, cy = float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2])
+    out = np.zeros((height, width), dtype=np.float64)
+    for c in cylinders:
+        p = np.array([c.p0_ct_mm, c.p1_ct_mm], dtype=np.float64) @ R.T + t  # (2, 3) optical, mm
+        z_min = float(p[:, 2].min())
+        if z_min - c.radius_mm <= 1.0:
+            out += project_cylinders([c], T, K, height, width).numpy()
+            continue
+        u = fx * p[:, 0] / p[:, 2] + cx
+        v = fy * p[:, 1] / p[:, 2] + cy
+        # The cylinder lies inside the spheres of its radius centred on its axis; a sphere's image
+        # is within r f / (z - r) of its centre's, stretched by at most 1 + tan^2 off the axis.
+        tan2 = float(((p[:, 0] ** 2 + p[:, 1] ** 2) / p[:, 2] ** 2).max())
+        margin = c.radius_mm * max(fx, fy) / (z_min - c.radius_mm) * (1.0 + tan2) + 2.0
+        x0, x1 = max(0, int(np.floor(u.min() - margin))), min(width - 1, int(np.ceil(u.max() + margin)))
+        y0, y1 = max(0, int(np.floor(v.min() - margin))), min(height - 1, int(np.ceil(v.max() + margin)))
+        if x1 < x0 or y1 < y0:
+            continue  # outside the image
+        Kc = K.clone()
+        Kc[0, 2] -= x0
+        Kc[1, 2] -= y0
+        out[y0 : y1 + 1, x0 : x1 + 1] += project_cylinders([c], T, Kc, y1 - y0 + 1, x1 - x0 + 1).numpy()
+    return out

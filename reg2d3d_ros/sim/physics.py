@@ -35,6 +35,32 @@ def fluoro_attenuation(hu: np.ndarray, bone_contrast: float = BONE_CONTRAST, mu_
     return np.clip(mu, 0.0, None).astype(np.float32)
 
 
+def attenuation_components(hu: np.ndarray, mu_water_per_mm: float = MU_WATER_PER_MM) -> tuple:
+    """Water-equivalent and bone-excess attenuation, the two terms of the model above.
+
+    ``fluoro_attenuation(hu, c) == mu_water_eq + c * mu_bone_excess`` for every ``c > 0``: the
+    clip at 0 only acts below -1000 HU, where the bone term is 0, so it never mixes the two.
+    Line integrals of the two volumes therefore combine the same way for any bone contrast.
+
+    Parameters
+    ----------
+    hu : np.ndarray
+        ``(D, H, W)`` Hounsfield units.
+    mu_water_per_mm : float
+        Attenuation of water, 1/mm.
+
+    Returns
+    -------
+    mu_water_eq, mu_bone_excess : np.ndarray
+        ``(D, H, W)`` float32, 1/mm: ``mu_w (1 + min(HU, 0) / 1000)`` clipped at 0, and
+        ``mu_w max(HU, 0) / 1000``.
+    """
+    hu = np.asarray(hu, dtype=np.float32)
+    water = np.clip(mu_water_per_mm * (1.0 + np.minimum(hu, 0.0) / 1000.0), 0.0, None).astype(np.float32)
+    bone = (mu_water_per_mm * np.maximum(hu, 0.0) / 1000.0).astype(np.float32)
+    return water, bone
+
+
 def xray_renderer(ct, bone_contrast: float = BONE_CONTRAST, binning: int = 2, device=None):
     """Renderer of the whole CT as the simulated X-rays see it (binned in-plane for speed)."""
     import torch

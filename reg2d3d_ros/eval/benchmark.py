@@ -1,0 +1,492 @@
+"""Generalisation benchmark: tracking through the node's pipeline on frames it was not tuned on.
+
+One command, two tiers (``python -m reg2d3d_ros.eval.benchmark --tier quick|full``). A tier is a
+list of :class:`SequenceSpec`: a vertebra, a view, a motion, a frame source and a start. Every
+sequence is run through :class:`~reg2d3d_ros.pipeline.RegistrationPipeline` exactly as the node
+runs it (the frames are encoded as they would arrive on ``/carm/image``; frame 0 gets the initial
+pose on the initial-pose input; the node's defaults unless ``--set`` says otherwise) and each
+frame's outcome is appended to ``results.jsonl`` as it comes (a finished sequence is skipped
+when the command is run again, so an interrupted run resumes). ``report.md`` summarises the rows.
+
+Frame sources (each with its own physics):
+
+``randomised``
+    the project's renderer with the domain randomisation of :mod:`reg2d3d_ros.sim.randomize`
+    (one seeded draw of the physics, the display and the encoding per sequence);
+``nominal``
+    the project's simulator with the settings the node was first tuned on
+    (:class:`~reg2d3d_ros.sim.XrayDegradation` defaults), for reference;
+``diffdrr``
+    DiffDRR 0.6.1, a renderer the project did not write, with its own HU-to-density physics
+    (:mod:`reg2d3d_ros.eval.foreign`; needs the benchmark-only environment of
+    ``scripts/setup_diffdrr_reference.sh``), Poisson noise at 5000 photons per pixel, mono16.
+
+Splits: ``tuning`` sequences (T7, T9, T11) are the only ones any setting may be chosen on;
+``heldout`` sequences (T6, T8, T10, T12) are for reporting. A published pose is *wrong* when its
+mRPD exceeds :data:`WRONG_MRPD_MM`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, Reg2D3DError
+
+#: A published pose with a larger mRPD is counted as wrong (mm).
+WRONG_MRPD_MM = 2.0
+#: Frames of a perturbed-start sequence that are not scored (the issue's "after the first 3 frames").
+PERTURBED_GRACE_FRAMES = 3
+#: mTRE of the perturbed start (mm).
+PERTURBED_START_MM = 5.0
+#: C-arm sweep rate (deg per frame; 24 deg over 60 frames).
+SWEEP_DEG_PER_FRAME = 0.4
+#: Table translation (mm per frame, CT frame: longitudinal and a little vertical).
+TABLE_MM_PER_FRAME = (0.0, 0.15, 0.6)
+#: Sudden jump: translation (mm) and rotation (deg) at the middle frame.
+JUMP_MM, JUMP_DEG = 12.0, 3.0
+#: Views: (LAO deg, cranial deg).
+VIEWS = {"ap": (0.0, 0.0), "oblique": (40.0, 10.0), "lateral": (90.0, 0.0)}
+MOTIONS = ("static", "smooth", "sweep", "table", "jump")
+SOURCES = ("randomised", "nominal", "diffdrr")
+TUNING_VERTEBRAE = ("T7", "T9", "T11")
+HELDOUT_VERTEBRAE = ("T6", "T8", "T10", "T12")
+#: Image size and pixel pitch of every benchmark frame (256x256, 1.2 mm, SDD 1020 mm).
+SIZE = 256
+
+
+@dataclass(frozen=True)
+class SequenceSpec:
+    """One benchmark sequence.
+
+    Attributes
+    ----------
+    split : str
+        ``tuning`` or ``heldout``.
+    source : str
+        Frame source (:data:`SOURCES`).
+    vertebra, view, motion : str
+        Target, C-arm view (:data:`VIEWS`), motion (:data:`MOTIONS`).
+    frames : int
+        Number of frames.
+    start : str
+        ``true`` (frame 0's ground truth on the initial-pose input) or ``perturbed``
+        (:data:`PERTURBED_START_MM` mTRE off).
+    seed : int
+        Seed of the trajectory, the physics draw and the noise.
+    """
+
+    split: str
+    source: str
+    vertebra: str
+    view: str
+    motion: str
+    frames: int
+    start: str = "true"
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.split}/{self.source}/{self.vertebra}/{self.view}/{self.motion}/{self.frames}/{self.start}/{self.seed}"
+
+
+def _tier(split: str, vertebrae, sources, views, motions, frames: dict, starts=("true",), seed0: int = 0) -> list:
+    out = []
+    k = seed0
+    for source in sources:
+        for vert in vertebrae:
+            for view in views:
+                for motion in motions:
+                    for start in starts:
+                        out.append(SequenceSpec(split, source, vert, view, motion, frames[motion], start, k))
+                        k += 1
+    return out
+
+
+def tier_specs(tier: str, split: str = "heldout") -> list:
+    """The sequences of a tier (``quick`` or ``full``) on a split (``tuning`` or ``heldout``)."""
+    if split not in ("tuning", "heldout"):
+        raise ConfigError(f"split must be tuning or heldout, got {split!r}")
+    verts = TUNING_VERTEBRAE if split == "tuning" else HELDOUT_VERTEBRAE
+    seed0 = 1000 if split == "tuning" else 0
+    if tier == "quick":
+        # one vertebra per motion, rotating through views and vertebrae; few frames
+        v = verts
+        specs = [
+            SequenceSpec(split, "randomised", v[0], "oblique", "static", 6, "true", seed0 + 1),
+            SequenceSpec(split, "randomised", v[1], "ap", "smooth", 16, "true", seed0 + 2),
+            SequenceSpec(split, "randomised", v[0], "lateral", "sweep", 16, "true", seed0 + 3),
+            SequenceSpec(split, "randomised", v[2], "oblique", "jump", 12, "true", seed0 + 4),
+            SequenceSpec(split, "randomised", v[1], "oblique", "smooth", 12, "perturbed", seed0 + 5),
+            SequenceSpec(split, "diffdrr", v[0], "oblique", "static", 4, "true", seed0 + 6),
+            SequenceSpec(split, "diffdrr", v[1], "ap", "smooth", 10, "true", seed0 + 7),
+            SequenceSpec(split, "diffdrr", v[0], "lateral", "sweep", 10, "true", seed0 + 8),
+        ]
+        return specs
+    if tier == "full":
+        frames = {"static": 8, "smooth": 30, "sweep": 30, "table": 30, "jump": 20}
+        specs = _tier(split, verts, ("randomised",), tuple(VIEWS), MOTIONS, frames, seed0=seed0)
+        specs += _tier(split, verts, ("randomised",), ("oblique",), ("smooth", "sweep"), frames, starts=("perturbed",), seed0=seed0 + 300)
+        dframes = {"static": 4, "smooth": 16, "sweep": 16, "table": 16, "jump": 12}
+        specs += _tier(split, verts, ("diffdrr",), tuple(VIEWS), ("static", "smooth", "sweep", "jump"), dframes, seed0=seed0 + 600)
+        return specs
+    raise ConfigError(f"tier must be quick or full, got {tier!r}")
+
+
+# -- sequences -------------------------------------------------------------------------------------
+def sequence_poses(ct, spec: SequenceSpec, setup) -> torch.Tensor:
+    """Ground-truth poses ``(F, 4, 4)`` float64 (mm) of a benchmark sequence."""
+    from ..sim import structure_center, trajectory as traj
+    from ..sim.trajectory import _about_center
+
+    rng = np.random.default_rng(spec.seed)
+    center = structure_center(ct, spec.vertebra)
+    lao, cran = VIEWS[spec.view]
+    lao += rng.uniform(-5, 5)
+    cran += rng.uniform(-5, 5)
+    iso = center + rng.uniform(-8, 8, size=3)
+    F = spec.frames
+    if spec.motion == "sweep":
+        sign = 1.0 if rng.uniform() < 0.5 else -1.0
+        span = SWEEP_DEG_PER_FRAME * (F - 1) * sign
+        return traj.carm_rotation(iso, setup.sid_mm, F, lao, lao + span, cran, cran - 0.25 * span)
+    from ..geometry.camera import carm_pose
+
+    T0 = carm_pose(iso, setup.sid_mm, lao_deg=lao, cran_deg=cran)
+    if spec.motion == "static":
+        return traj.static(T0, F)
+    if spec.motion == "smooth":
+        return traj.smooth_patient_motion(T0, F, center, seed=spec.seed)
+    if spec.motion == "table":
+        xi = np.zeros((F, 6))
+        xi[:, 3:] = np.arange(F)[:, None] * np.asarray(TABLE_MM_PER_FRAME)[None]
+        return T0[None] @ _about_center(torch.from_numpy(xi), center)
+    if spec.motion == "jump":
+        return traj.sudden_jumps(T0, F, center, jump_frames=(F // 2,), jump_mm=JUMP_MM, jump_deg=JUMP_DEG, jitter_mm=0.1, seed=spec.seed)
+    raise ConfigError(f"unknown motion {spec.motion!r}; choose one of {MOTIONS}")
+
+
+def _cache_root() -> Path:
+    from ..example import cache_dir
+
+    return cache_dir() / "benchmark"
+
+
+def sequence_frames(ct, ct_path: str, spec: SequenceSpec, setup, poses: torch.Tensor, renderer_cache: dict):
+    """``(frames (F, H, W) encoded, encoding, intensity, meta)`` of a sequence from its source."""
+    intr = setup.intrinsics()
+    if spec.source == "nominal":
+        from ..sim import XrayDegradation, simulate_sequence, xray_renderer
+
+        if "nominal" not in renderer_cache:
+            renderer_cache["nominal"] = xray_renderer(ct)
+        seq = simulate_sequence(renderer_cache["nominal"], intr, poses, XrayDegradation(), seed=spec.seed)
+        return seq.images, seq.encoding, seq.intensity, {}
+    if spec.source == "randomised":
+        from ..sim import randomize as rz
+
+        cache = _cache_root() / "components"
+        cache.mkdir(parents=True, exist_ok=True)
+        f = cache / (spec.key.replace("/", "_") + ".npy")
+        if f.exists():
+            comps = np.load(f)
+        else:
+            comps = rz.render_components(ct, intr, poses)
+            np.save(f, comps.astype(np.float32))
+        draw = rz.draw_domain(np.random.default_rng(spec.seed))
+        seq = rz.simulate_randomised_sequence(comps, poses, intr, draw, seed=spec.seed)
+        return seq.images, seq.encoding, seq.intensity, {"domain": seq.meta.get("domain")}
+    if spec.source == "diffdrr":
+        from .foreign import foreign_frame, render_foreign
+
+        images = render_foreign(ct_path, poses, intr)
+        return foreign_frame(images, seed=spec.seed), "mono16", "attenuation", {"renderer": "diffdrr"}
+    raise ConfigError(f"unknown source {spec.source!r}; choose one of {SOURCES}")
+
+
+# -- running ---------------------------------------------------------------------------------------
+def make_pipeline(ct_path: str, labels_path: str, label_table: str, target: str, overrides: dict, intensity: str):
+    """A loaded :class:`RegistrationPipeline` for one target, node defaults plus ``overrides``."""
+    from ..pipeline import PipelineConfig, RegistrationPipeline
+
+    cfg = PipelineConfig(ct_path=ct_path, labels_path=labels_path, label_table_path=label_table, target=target, intensity=intensity)
+    cfg = replace(cfg, **overrides)
+    pipe = RegistrationPipeline(cfg)
+    pipe.load()
+    return pipe
+
+
+def perturbed_start(T_gt: torch.Tensor, pts: torch.Tensor, seed: int) -> torch.Tensor:
+    """A start :data:`PERTURBED_START_MM` mTRE from ``T_gt`` (random rotation up to 3 deg)."""
+    from .starts import random_starts
+
+    starts, _ = random_starts(T_gt, pts, 1, max_mtre_mm=PERTURBED_START_MM + 0.05, min_mtre_mm=PERTURBED_START_MM - 0.05, seed=seed,
+                              max_rotation_deg=3.0)
+    return starts[0]
+
+
+def run_sequence(pipe, spec: SequenceSpec, frames: np.ndarray, encoding: str, poses: torch.Tensor, pts: torch.Tensor, setup) -> list:
+    """Process a sequence frame by frame; one row per frame."""
+    from ..images import encode_image
+    from .metrics import mrpd, mtre
+
+    pipe.reset()
+    ci = setup.intrinsics().to_camera_info()
+    pipe.set_camera_info(ci["k"], ci["width"], ci["height"])
+    T_start = poses[0] if spec.start == "true" else perturbed_start(poses[0], pts, spec.seed)
+    pipe.set_initial_pose(T_start)
+    rows = []
+    for f in range(len(frames)):
+        e = encode_image(frames[f], encoding)
+        t0 = time.perf_counter()
+        r = pipe.process(e["encoding"], e["height"], e["width"], e["step"], e["data"])
+        dt = time.perf_counter() - t0
+        row = {"key": spec.key, "frame": f, "answered": r.T_optical_from_ct is not None, "state": r.state,
+               "mode": r.details.get("mode", ""), "latency_ms": round(1000 * dt, 1), "error": r.error[:160],
+               "confidence": round(float(r.confidence), 4)}
+        if r.T_optical_from_ct is not None:
+            row["mrpd_mm"] = round(float(mrpd(r.T_optical_from_ct, poses[f], pts)), 3)
+            row["mtre_mm"] = round(float(mtre(r.T_optical_from_ct, poses[f], pts)), 3)
+        if r.T_registered is not None and r.T_optical_from_ct is None:  # what the acceptance checks refused
+            row["refused_mrpd_mm"] = round(float(mrpd(r.T_registered, poses[f], pts)), 3)
+        for k in ("gradient_correlation", "peak", "search_candidate", "reference_inlier_fraction"):
+            if k in r.details:
+                row[k] = r.details[k]
+        rows.append(row)
+    return rows
+
+
+def done_keys(results: Path) -> set:
+    """Keys of the sequences whose every frame is in a results file."""
+    if not results.exists():
+        return set()
+    out = set()
+    for line in results.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by an interruption
+        if row.get("kind") == "sequence":
+            out.add(row["key"])
+    return out
+
+
+def read_rows(results: Path) -> tuple:
+    """``(sequence rows, frame rows)`` of a results file."""
+    seqs, frames = [], []
+    for line in results.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        (seqs if row.get("kind") == "sequence" else frames).append(row)
+    keys = {s["key"] for s in seqs}
+    return seqs, [r for r in frames if r["key"] in keys]
+
+
+def run(specs: list, out: Path, overrides: dict | None = None, progress: bool = True) -> Path:
+    """Run the sequences not yet in ``out/results.jsonl``; returns the results file."""
+    from ..example import example_paths
+    from ..sim import CArmSetup
+    from ..volume import load_ct, resolve_label
+
+    overrides = dict(overrides or {})
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    done = done_keys(results)
+    todo = [s for s in specs if s.key not in done]
+    if progress:
+        print(f"benchmark: {len(specs)} sequences, {len(specs) - len(todo)} already in {results}, {len(todo)} to run", flush=True)
+    if not todo:
+        return results
+    paths = example_paths()
+    ct = load_ct(paths.ct, labels_path=paths.labels, label_table=paths.label_table)
+    setup = CArmSetup().at_size(SIZE)
+    pipes, renderers = {}, {}
+    t_all = time.perf_counter()
+    for i, spec in enumerate(todo):
+        t0 = time.perf_counter()
+        poses = sequence_poses(ct, spec, setup)
+        frames, encoding, intensity, meta = sequence_frames(ct, str(paths.ct), spec, setup, poses, renderers)
+        if spec.vertebra not in pipes:
+            pipes[spec.vertebra] = make_pipeline(str(paths.ct), str(paths.labels), str(paths.label_table), spec.vertebra, overrides, intensity)
+        pipe = pipes[spec.vertebra]
+        pipe.config = replace(pipe.config, intensity=intensity)  # what this source's pixel values mean, as the node's parameter says
+        pts = torch.from_numpy(ct.label_points_ct_mm([resolve_label(spec.vertebra, ct.label_names)], max_points=1000, seed=0))
+        t1 = time.perf_counter()
+        rows = run_sequence(pipe, spec, frames, encoding, poses, pts, setup)
+        seq_row = {"kind": "sequence", "key": spec.key, **asdict(spec), "encoding": encoding, "intensity": intensity,
+                   "overrides": overrides, "render_s": round(t1 - t0, 1), "run_s": round(time.perf_counter() - t1, 1), **meta}
+        with open(results, "a") as fh:
+            for r in rows:
+                fh.write(json.dumps(r) + "\n")
+            fh.write(json.dumps(seq_row) + "\n")
+        if progress:
+            s = score_sequence(seq_row, rows)
+            print(f"[{i + 1}/{len(todo)}] {spec.key}: answered {s['answered']}/{s['scored']}, median mRPD {s['mrpd_median_mm']:.2f} mm, "
+                  f"mTRE {s['mtre_median_mm']:.1f} mm, wrong {s['wrong']}, {s['latency_ms_median']:.0f} ms/frame "
+                  f"({time.perf_counter() - t_all:.0f} s)", flush=True)
+    return results
+
+
+# -- scoring ---------------------------------------------------------------------------------------
+def score_sequence(seq: dict, rows: list) -> dict:
+    """Per-sequence numbers: answered, median mRPD / mTRE of the answered frames, wrong poses, latency; jump metrics."""
+    rows = sorted(rows, key=lambda r: r["frame"])
+    first = PERTURBED_GRACE_FRAMES if seq["start"] == "perturbed" else 0
+    scored = rows[first:]
+    ans = [r for r in scored if r["answered"]]
+    e = np.array([r["mrpd_mm"] for r in ans]) if ans else np.zeros(0)
+    t = np.array([r["mtre_mm"] for r in ans]) if ans else np.zeros(0)
+    track_ms = [r["latency_ms"] for r in rows if r["mode"] == "track"]
+    init_s = [r["latency_ms"] / 1000 for r in rows if r["mode"].startswith("initialise")]
+    out = {
+        "scored": len(scored),
+        "answered": len(ans),
+        "wrong": int((e > WRONG_MRPD_MM).sum()),
+        "mrpd_median_mm": float(np.median(e)) if len(e) else float("nan"),
+        "mtre_median_mm": float(np.median(t)) if len(t) else float("nan"),
+        "latency_ms_median": float(np.median([r["latency_ms"] for r in rows])) if rows else float("nan"),
+        "track_ms_median": float(np.median(track_ms)) if track_ms else float("nan"),
+        "init_s_median": float(np.median(init_s)) if init_s else float("nan"),
+    }
+    if seq["motion"] == "jump":
+        j = seq["frames"] // 2
+        jr = rows[j] if j < len(rows) else None
+        out["jump_published_wrong"] = bool(jr and jr["answered"] and jr["mrpd_mm"] > WRONG_MRPD_MM)
+        back = [r["frame"] - j for r in rows[j:] if r["answered"] and r["mrpd_mm"] <= WRONG_MRPD_MM]
+        out["jump_frames_to_recover"] = back[0] if back else None
+    return out
+
+
+def summarise(results: Path) -> list:
+    """One summary row per (split, source, motion, start) group."""
+    seqs, frames = read_rows(results)
+    by_key = {}
+    for r in frames:
+        by_key.setdefault(r["key"], []).append(r)
+    groups = {}
+    for s in seqs:
+        sc = score_sequence(s, by_key.get(s["key"], []))
+        groups.setdefault((s["split"], s["source"], s["motion"], s["start"]), []).append((s, sc, by_key.get(s["key"], [])))
+    out = []
+    for (split, source, motion, start), items in sorted(groups.items()):
+        first = PERTURBED_GRACE_FRAMES if start == "perturbed" else 0
+        allrows = [r for _, _, rows in items for r in sorted(rows, key=lambda r: r["frame"])[first:]]
+        ans = [r for r in allrows if r["answered"]]
+        e = np.array([r["mrpd_mm"] for r in ans]) if ans else np.zeros(0)
+        t = np.array([r["mtre_mm"] for r in ans]) if ans else np.zeros(0)
+        track = [r["latency_ms"] for _, _, rows in items for r in rows if r["mode"] == "track"]
+        init = [r["latency_ms"] / 1000 for _, _, rows in items for r in rows if r["mode"].startswith("initialise")]
+        row = {"split": split, "source": source, "motion": motion, "start": start, "sequences": len(items), "frames": len(allrows),
+               "answered_pct": 100.0 * len(ans) / max(len(allrows), 1),
+               "mrpd_median_mm": float(np.median(e)) if len(e) else float("nan"),
+               "mtre_median_mm": float(np.median(t)) if len(t) else float("nan"),
+               "wrong": int((e > WRONG_MRPD_MM).sum()),
+               "track_ms_median": float(np.median(track)) if track else float("nan"),
+               "init_s_median": float(np.median(init)) if init else float("nan")}
+        if motion == "jump":
+            row["jump_published_wrong"] = sum(bool(sc.get("jump_published_wrong")) for _, sc, _ in items)
+            rec = [sc.get("jump_frames_to_recover") for _, sc, _ in items]
+            row["jump_recovered_within_5"] = sum(1 for x in rec if x is not None and x <= 5)
+        out.append(row)
+    return out
+
+
+def _f(x, fmt="{:.2f}") -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+
+
+def write_report(out: Path, tier: str, meta: dict) -> Path:
+    """``out/report.md`` and ``out/summary.json`` from ``out/results.jsonl``."""
+    results = out / "results.jsonl"
+    rows = summarise(results)
+    (out / "summary.json").write_text(json.dumps({"tier": tier, "meta": meta, "groups": rows}, indent=1))
+    seqs, frames = read_rows(results)
+    by_key = {}
+    for r in frames:
+        by_key.setdefault(r["key"], []).append(r)
+    lines = [f"# Generalisation benchmark ({tier} tier; simulated frames)", "",
+             f"Command: `{meta.get('command', '')}`. Settings: {json.dumps(meta.get('overrides', {}))}. "
+             f"256x256 at 1.2 mm, SDD 1020 mm; wrong = published with mRPD > {WRONG_MRPD_MM} mm; "
+             f"perturbed starts ({PERTURBED_START_MM:.0f} mm) are scored after the first {PERTURBED_GRACE_FRAMES} frames.", "",
+             "| split | source | motion | start | seqs | frames | answered % | median mRPD mm | median mTRE mm | wrong | track ms (median) | init s (median) | jump: wrong / back in 5 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        jump = f"{r['jump_published_wrong']} / {r['jump_recovered_within_5']}" if r["motion"] == "jump" else ""
+        lines.append(f"| {r['split']} | {r['source']} | {r['motion']} | {r['start']} | {r['sequences']} | {r['frames']} | "
+                     f"{r['answered_pct']:.0f} | {_f(r['mrpd_median_mm'])} | {_f(r['mtre_median_mm'], '{:.1f}')} | {r['wrong']} | "
+                     f"{_f(r['track_ms_median'], '{:.0f}')} | {_f(r['init_s_median'], '{:.1f}')} | {jump} |")
+    lines += ["", "## Sequences", "", "| sequence | encoding / intensity | answered | median mRPD | median mTRE | wrong | first error |", "|---|---|---|---|---|---|---|"]
+    for s in seqs:
+        rws = by_key.get(s["key"], [])
+        sc = score_sequence(s, rws)
+        err = next((r["error"] for r in sorted(rws, key=lambda r: r["frame"]) if r["error"]), "")
+        lines.append(f"| {s['key']} | {s['encoding']} / {s['intensity']} | {sc['answered']}/{sc['scored']} | {_f(sc['mrpd_median_mm'])} | "
+                     f"{_f(sc['mtre_median_mm'], '{:.1f}')} | {sc['wrong']} | {err[:90]} |")
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _parse_set(items) -> dict:
+    from ..pipeline import PipelineConfig
+
+    fields = PipelineConfig.__dataclass_fields__
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set takes NAME=VALUE, got {item!r}")
+        name, value = item.split("=", 1)
+        if name not in fields:
+            raise ConfigError(f"--set: unknown setting {name!r}")
+        default = fields[name].default
+        try:
+            out[name] = (value.lower() in ("1", "true", "yes", "on")) if isinstance(default, bool) else type(default)(value)
+        except ValueError:
+            raise ConfigError(f"--set {name}: cannot read {value!r} as {type(default).__name__}") from None
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m reg2d3d_ros.eval.benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tier", choices=("quick", "full"), default="quick", help="quick: under 5 min on 2 cores once the foreign frames are cached; full: background")
+    p.add_argument("--split", choices=("heldout", "tuning"), default="heldout", help="tuning sequences are the only ones settings may be chosen on")
+    p.add_argument("--sources", default=",".join(s for s in SOURCES if s != "nominal"), help="comma-separated frame sources")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default reports/benchmark/<tier>_<split>)")
+    p.add_argument("--set", action="append", metavar="NAME=VALUE", help="pipeline setting to override (repeatable)")
+    p.add_argument("--limit", type=int, default=0, help="run at most this many sequences (0: all)")
+    args = p.parse_args(argv)
+    try:
+        overrides = _parse_set(args.set)
+        sources = [s for s in args.sources.split(",") if s]
+        bad = [s for s in sources if s not in SOURCES]
+        if bad:
+            raise ConfigError(f"unknown source(s) {bad}; choose from {SOURCES}")
+        specs = [s for s in tier_specs(args.tier, args.split) if s.source in sources]
+        if args.limit:
+            specs = specs[: args.limit]
+        out = args.out or Path("reports/benchmark") / f"{args.tier}_{args.split}"
+        t0 = time.perf_counter()
+        run(specs, out, overrides)
+        meta = {"command": "python -m reg2d3d_ros.eval.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "overrides": overrides, "seconds_last_run": round(time.perf_counter() - t0, 1)}
+        path = write_report(out, args.tier, meta)
+        print(path.read_text().split("\n## Sequences")[0])
+        print(f"benchmark: report {path}")
+    except Reg2D3DError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
