@@ -48,6 +48,10 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
 
 
+from reg2d3d_ros.pipeline import PEAK_RANGE_MM, PipelineConfig, ppc_configs  # noqa: E402
+from reg2d3d_ros.ppc.search import peak_check  # noqa: E402
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=20)
@@ -105,7 +109,11 @@ def main() -> None:
         add(size, g, f"NGC search ({n} points)", "torch-cpu", lambda: ngc_search(gf, gm, c.uv, c.normal_2d, cfg.search_px[0], cfg.patch_half, cfg.patch_half_along))
         add(size, g, "PPC solve (MCCR)", "torch-cpu", lambda: solve_ppc(c.w_opt[None], c.g_opt[None], uv_c[None], K, w[None], robust="mccr"))
         add(size, g, "whole update", "torch-cpu", lambda: reg.update(T, gf.float(), intr, cfg.search_px[0], config=cfg, T_anchor=T))
-        add(size, g, "track() per frame", "torch-cpu", lambda: reg.track(img, intr, T))
+        add(size, g, "track() per frame (in-plane update only)", "torch-cpu", lambda: reg.track(img, intr, T))
+        node_track = ppc_configs(PipelineConfig())[1]  # the node's default tracking update
+        add(size, g, f"track() per frame (node default: {node_track.max_iterations[0]} updates)", "torch-cpu",
+            lambda: reg.track(img, intr, T, config=node_track))
+        add(size, g, "peak check (confidence + in-plane correction)", "torch-cpu", lambda: peak_check(reg, img, intr, T, range_mm=PEAK_RANGE_MM))
 
         # networks at the sizes the node feeds them
         lv = _levels(PPCConfig(flow_levels=(0.25,)), intr)[0]  # (scale, iterations, search, nominal) of the coarsest level

@@ -69,6 +69,13 @@ TRACK_DOFS = ("in_plane", "no_depth")
 #: Updates without depth after the in-plane one, per tracked frame (``track_dof`` ``no_depth``).
 TRACK_NO_DEPTH_ITERATIONS = 2
 
+#: Smallest in-plane correction the peak check applies to a tracked pose (``peak_correction``), mm.
+PEAK_CORRECTION_MIN_MM = 0.5
+
+#: Resolution factor of the peak check and the tracking guard (for frames with the reference
+#: pixel size; a 256x256 frame at 1.2 mm is compared at full resolution).
+PEAK_LEVEL = 0.5
+
 #: Range of the peak check (``PipelineConfig.max_peak_offset_mm``): image-plane shifts up to
 #: this many mm at the target's depth are compared with the pose.
 PEAK_RANGE_MM = 12.0
@@ -189,6 +196,15 @@ class PipelineConfig:
         from the pose, the pose is wrong in the image plane and nothing is published (lost, or
         initialisation rejected). A distance, not a level: it does not change with contrast,
         dose or display. 0 disables it.
+    peak_correction : bool
+        When the peak check finds the frame matching the target best beside a tracked pose
+        (within ``max_peak_offset_mm``, at least :data:`PEAK_CORRECTION_MIN_MM` away), move the
+        pose there (image-plane translation, sub-pixel): the whole-image correlation corrects
+        the slow drift of the sparse contour updates.
+    track_guard : bool
+        Keep the previous pose when the tracked (and peak-corrected) pose correlates less with
+        the frame than the previous pose does: without motion the updates otherwise follow the
+        noise (a static low-dose view walked 3 mm away in three frames).
     lost_relative_gc : float
         A registration whose gradient correlation at the pose falls below this fraction of
         its recent level (median of the last ten accepted frames, once there are three) is
@@ -229,6 +245,8 @@ class PipelineConfig:
     track_dof: str = "no_depth"
     motion_prediction: float = 0.7
     max_peak_offset_mm: float = 3.0
+    peak_correction: bool = True
+    track_guard: bool = True
     lost_relative_gc: float = 0.6
 
 
@@ -328,6 +346,7 @@ class RegistrationPipeline:
         """Check back-end and model files, load the CT, prepare the target. Raises Reg2D3DError."""
         from .engines import check_models_dir, resolve_backend, resolve_device
         from .ppc import PPCRegistrator
+        from .provenance import check_models_provenance
         from .volume import load_ct
 
         cfg = self.config
@@ -340,6 +359,7 @@ class RegistrationPipeline:
             raise ConfigError("no label map given: set labels_path (the target structure is selected from it)")
         ct = load_ct(cfg.ct_path, labels_path=cfg.labels_path, label_table=cfg.label_table_path or None,
                      label_set=cfg.label_set, resample_labels=cfg.resample_labels)
+        check_models_provenance(cfg.models_dir, ct, cfg.target)  # a folder made for another CT or target: one line, waiting_for_ct
         self.register_config, self.track_config = ppc_configs(cfg)
         learned = load_ppcl(cfg.models_dir, cfg.backend, cfg.device) if cfg.tracker.startswith("ppc_l") else None
         if learned is not None:
@@ -478,11 +498,13 @@ class RegistrationPipeline:
             recent_gc = list(self._recent_gc)
         reference = float(np.median(recent[-10:])) if len(recent) >= 3 else None
         reference_gc = float(np.median(recent_gc[-10:])) if len(recent_gc) >= 3 else None
-        peak = None
+        peak = score = None
         if cfg.max_peak_offset_mm > 0 or cfg.lost_relative_gc > 0:
-            from .ppc.search import peak_check
+            from .ppc.search import GradientCorrelation, peak_check
 
-            peak = peak_check(self.registrator, image, intr, result.T_optical_from_ct, range_mm=PEAK_RANGE_MM)
+            score = GradientCorrelation(self.registrator, image, intr, level=PEAK_LEVEL)  # the frame's gradient, once
+            peak = peak_check(self.registrator, image, intr, result.T_optical_from_ct, range_mm=PEAK_RANGE_MM, level=PEAK_LEVEL,
+                              grad_fixed=score.grad_fixed)
         why = ""
         if peak is None and (cfg.max_peak_offset_mm > 0 or cfg.lost_relative_gc > 0):
             why = "tracking lost: the target does not project into the frame at the registered pose"
@@ -522,9 +544,22 @@ class RegistrationPipeline:
             details["search_candidate"] = result.candidate  # 0: the start itself won, k: the in-plane search's k-th candidate
         if gc is not None:
             details["gradient_correlation"] = round(gc, 4)
+        T_out = result.T_optical_from_ct
         if peak is not None:
             details["peak"] = {"gc": round(peak.gc, 4), "peak_gc": round(peak.peak_gc, 4), "offset_mm": round(peak.peak_offset_mm, 2),
                                "prominence": round(peak.prominence, 3)}
+            if not why and mode == "track" and cfg.peak_correction and math.hypot(*peak.shift_mm) >= PEAK_CORRECTION_MIN_MM:
+                # the frame matches the target best slightly beside the tracked pose: move there (in-plane)
+                from .ppc.search import translate
+
+                T_out = translate(T_out, (peak.shift_mm[0], peak.shift_mm[1], 0.0))
+                details["peak"]["corrected_mm"] = [round(x, 2) for x in peak.shift_mm]
+            if not why and mode == "track" and cfg.track_guard:
+                # the update must not fit the frame worse than the previous pose did (noise walks a static view away)
+                gc_prev = score(previous)
+                if gc_prev > (peak.peak_gc if "corrected_mm" in details["peak"] else peak.gc):
+                    T_out = previous
+                    details["peak"]["kept_previous"] = round(gc_prev, 4)
         if result.polish:
             details["polish"] = {"kept": result.polish["kept"], "moved_mm": round(result.polish["moved_mm"], 2),
                                  "gc_before": round(result.polish["gc_before"], 4), "gc_after": round(result.polish["gc_after"], 4),
@@ -533,8 +568,8 @@ class RegistrationPipeline:
             if ok:
                 self.state = TRACKING
                 self._before_previous = self._previous if mode == "track" else None
-                self._previous = result.T_optical_from_ct
-                self._last_good = result.T_optical_from_ct
+                self._previous = T_out
+                self._last_good = T_out
                 self._recent_inliers = (recent + [result.inlier_fraction])[-10:]
                 if peak is not None:
                     self._recent_gc = (recent_gc + [peak.gc])[-10:]
@@ -545,8 +580,8 @@ class RegistrationPipeline:
                 if initial is not None and self._initial_pose is None:
                     self._initial_pose = initial  # a refused initial pose is tried again on the next frame (until a newer one comes)
             new_state = self.state
-        return FrameResult(result.T_optical_from_ct if ok else None, new_state, why, result.inlier_fraction, time.perf_counter() - t0,
-                           details, image, intr, T_registered=result.T_optical_from_ct)
+        return FrameResult(T_out if ok else None, new_state, why, result.inlier_fraction, time.perf_counter() - t0,
+                           details, image, intr, T_registered=T_out)
 
     def _intensity_stage(self, image, intr, start, metric: str, recover: bool):
         """Intensity-based registration from ``start`` (the recover or refine stage); returns ``(pose, details)``.
@@ -556,22 +591,55 @@ class RegistrationPipeline:
         """
         return intensity_stage(self.intensity, image, intr, start, metric, recover, self.config.intensity_budget_s)
 
-    def overlay(self, result: FrameResult) -> np.ndarray:
-        """RGB ``(H, W, 3)`` uint8: the frame of a result with the target's projected contours at its pose."""
-        from .ppc import select_contours
-        from .viz import to_display_u8
+    def overlay(self, result: FrameResult, latency_ms: float | None = None, neighbours: bool = True) -> np.ndarray:
+        """The overlay image of a processed frame (what the node publishes on its overlay topic).
 
-        if result.T_optical_from_ct is None or result.image is None:
-            raise ValueError("overlay needs a result with a pose and a decoded frame")
-        h, w = result.image.shape
-        rgb = np.repeat(to_display_u8(result.image)[..., None], 3, axis=-1)
-        c = select_contours(
-            self.registrator.pts, self.registrator.normals, result.T_optical_from_ct.to(torch.float64),
-            result.intrinsics.K(torch.float64), h, w, max_cos=0.15, cell_px=1.0,
-        )
-        uv = torch.round(c.uv).long().numpy()
-        rgb[uv[:, 1], uv[:, 0]] = (40, 230, 60)
-        return rgb
+        The frame, contrast-normalised (:func:`reg2d3d_ros.viz.contrast_normalise`); at the
+        published pose the target's projected outline as connected lines (green) and, fainter
+        (blue), the parts of the neighbouring vertebrae in the crop around the target that PPC
+        uses (15 mm beyond the target: the crop's cut is not drawn); a legend with the target,
+        the state, the confidence (inlier fraction) and the latency. A frame without a pose
+        (judged lost, initialisation rejected, waiting for an initial pose) gets no outline, a
+        red border and the reason in the legend. The pose-independent part of the outline is
+        computed on the first call (about 0.2 s) and cached; then about 2-5 ms per frame at
+        256x256 on a CPU core.
+
+        Parameters
+        ----------
+        result : FrameResult
+            A result whose frame was decoded (``result.image`` set).
+        latency_ms : float, optional
+            Latency to show (the node's: reception to publication), ms; default: the result's
+            processing time.
+        neighbours : bool
+            Outline the neighbouring vertebrae too.
+
+        Returns
+        -------
+        np.ndarray
+            ``(H, W, 3)`` uint8 RGB.
+        """
+        from .viz import OutlineOverlay, legend_lines, overlay_frame
+
+        if result.image is None or result.intrinsics is None:
+            raise ValueError("overlay needs a result with a decoded frame")
+        cache = getattr(self, "_overlay_outlines", None)
+        if cache is None or cache[0] is not self.registrator:  # built once per loaded target
+            cache = (self.registrator, OutlineOverlay.from_ct(self.registrator.roi, self.config.target, neighbours=1))
+            self._overlay_outlines = cache
+        outline = cache[1]
+        if not neighbours:
+            outline = OutlineOverlay([outline.target])
+        refused = result.T_optical_from_ct is None
+        latency = 1000.0 * result.seconds if latency_ms is None else latency_ms
+        note = ""
+        if refused:  # the reason's first clause ("tracking lost", "initialisation rejected", "SCR: 12 PnP inliers < 20")
+            head = (result.error or "").split(":")[0]
+            note = "no pose: " + (head if len(head) > 6 else result.error or "not registered")
+            note = note if len(note) <= 36 else note[:35] + "."
+        legend = legend_lines(result.state, result.confidence if result.confidence > 0 else None, latency, outline.target.name, note)
+        return overlay_frame(result.image, outline, None if refused else result.T_optical_from_ct,
+                             result.intrinsics.K(torch.float64), legend, refused=refused)
 
 
 def moving_image(config: PipelineConfig) -> str:

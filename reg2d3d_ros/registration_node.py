@@ -84,7 +84,7 @@ PARAMETERS = [
      "(at the target's depth) and rotations about the principal ray, scored by gradient correlation; PPC runs from the start and the best "
      "candidates (reports/ppc_search/report.md); 0: off", "mm", (0.0, 100.0), True),
     ("polish", _D.polish, "polish every PPC (re-)initialisation by gradient ascent on the gradient correlation of the moving image with the frame, "
-     "all six degrees of freedom (more precise than PPC alone, about 2-3 s more on 2 CPU cores; reports/ppc_polish/report.md); the acceptance "
+     "every degree of freedom but depth (more precise than PPC alone, about 2-3 s more on 2 CPU cores; reports/ppc_polish/report.md); the acceptance "
      "checks look at the pose before the polish", "", None, True),
     ("guard", _D.guard, "judge every PPC (re-)initialisation's updates by the gradient correlation of the moving image with the frame (an update "
      "that lowers it is halved, reduced to its in-plane part or rejected) and pick the in-plane search's best start by it; about three times "
@@ -104,6 +104,10 @@ PARAMETERS = [
      "fraction", (0.0, 1.0), False),
     ("max_peak_offset_mm", _D.max_peak_offset_mm, "every registration is compared with in-plane shifts of itself: when the frame matches the "
      "target best more than this far from the pose, nothing is published (lost / initialisation rejected); 0: off", "mm", (0.0, 50.0), False),
+    ("peak_correction", _D.peak_correction, "move a tracked pose onto the peak of that comparison when it lies 0.5 mm to max_peak_offset_mm "
+     "beside it (in-plane, sub-pixel): removes the slow drift of the contour updates", "", None, False),
+    ("track_guard", _D.track_guard, "keep the previous pose when the tracked pose correlates less with the frame than the previous pose "
+     "(stops noise from walking a still view away)", "", None, False),
     ("track_dof", _D.track_dof, "degrees of freedom of the per-frame tracking update: in_plane (rotation about the principal ray, image-plane "
      "translation) or no_depth (then also the out-of-plane rotations: follows a C-arm sweep)", "", ("in_plane", "no_depth"), True),
     ("motion_prediction", _D.motion_prediction, "each tracked frame starts from the previous pose moved on by this fraction of the last "
@@ -432,6 +436,7 @@ class RegistrationNode(Node):
         if res.T_optical_from_ct is None:
             if res.error:
                 self._error(res.error)
+            self._publish_overlay(msg, res, t_rx)  # the frame, marked: no pose (lost, rejected, waiting)
             return
         pos, quat = transform_to_pose_m(res.T_optical_from_ct)
         pos, quat = pos.tolist(), quat.tolist()
@@ -451,15 +456,28 @@ class RegistrationNode(Node):
         self.tf_pub.publish(TFMessage(transforms=[tf]))
         self.poses_published += 1
         self._latencies_ms.append(1e3 * (time.monotonic() - t_rx))
-        if self.params["publish_overlay"] and self.overlay_pub.get_subscription_count() > 0:
-            rgb = self.pipeline.overlay(res)
-            out = Image()
-            out.header = msg.header
-            out.height, out.width = rgb.shape[:2]
-            out.encoding = "rgb8"
-            out.step = 3 * out.width
-            out.data = rgb.tobytes()
-            self.overlay_pub.publish(out)
+        self._publish_overlay(msg, res, t_rx)
+
+    def _publish_overlay(self, msg: Image, res, t_rx: float) -> None:
+        """The overlay of a processed frame (``rgb8``, header copied from the frame), when someone listens.
+
+        At the published pose: the target's projected outline (and its neighbours', fainter) on the
+        contrast-normalised frame, with the state, the confidence and the latency (reception to
+        the pose's publication). A frame that got no pose is published without an outline, with a
+        red border and the reason; a frame that could not be decoded gets no overlay.
+        """
+        if not self.params["publish_overlay"] or res.image is None or self.overlay_pub.get_subscription_count() == 0:
+            return
+        latency_ms = self._latencies_ms[-1] if res.T_optical_from_ct is not None and self._latencies_ms else \
+            1e3 * (time.monotonic() - t_rx)
+        rgb = self.pipeline.overlay(res, latency_ms=latency_ms)
+        out = Image()
+        out.header = msg.header
+        out.height, out.width = rgb.shape[:2]
+        out.encoding = "rgb8"
+        out.step = 3 * out.width
+        out.data = rgb.tobytes()
+        self.overlay_pub.publish(out)
 
     # -- reporting -------------------------------------------------------------------------
     def _error(self, text: str) -> None:

@@ -111,6 +111,20 @@ def _tier(split: str, vertebrae, sources, views, motions, frames: dict, starts=(
     return out
 
 
+def round_robin(specs: list) -> list:
+    """The specs reordered so that every (source, motion, start) group gets its first sequences early.
+
+    A long tier that is stopped part-way then still has rows for every group.
+    """
+    groups = {}
+    for s in specs:
+        groups.setdefault((s.source, s.motion, s.start), []).append(s)
+    out = []
+    for i in range(max(len(g) for g in groups.values())):
+        out += [g[i] for g in groups.values() if i < len(g)]
+    return out
+
+
 def tier_specs(tier: str, split: str = "heldout") -> list:
     """The sequences of a tier (``quick`` or ``full``) on a split (``tuning`` or ``heldout``)."""
     if split not in ("tuning", "heldout"):
@@ -137,7 +151,7 @@ def tier_specs(tier: str, split: str = "heldout") -> list:
         specs += _tier(split, verts, ("randomised",), ("oblique",), ("smooth", "sweep"), frames, starts=("perturbed",), seed0=seed0 + 300)
         dframes = {"static": 4, "smooth": 16, "sweep": 16, "table": 16, "jump": 12}
         specs += _tier(split, verts, ("diffdrr",), tuple(VIEWS), ("static", "smooth", "sweep", "jump"), dframes, seed0=seed0 + 600)
-        return specs
+        return round_robin(specs)
     raise ConfigError(f"tier must be quick or full, got {tier!r}")
 
 
@@ -180,8 +194,43 @@ def _cache_root() -> Path:
     return cache_dir() / "benchmark"
 
 
-def sequence_frames(ct, ct_path: str, spec: SequenceSpec, setup, poses: torch.Tensor, renderer_cache: dict):
-    """``(frames (F, H, W) encoded, encoding, intensity, meta)`` of a sequence from its source."""
+@dataclass(frozen=True)
+class CTSource:
+    """The CT a benchmark runs on (default: the built-in example, :func:`reg2d3d_ros.example.example_paths`).
+
+    Attributes
+    ----------
+    ct, labels : str or Path
+        CT and its label map.
+    label_table : str or Path or None
+        CSV naming the labels; None: TotalSegmentator's built-in names (``label_set``).
+    label_set : str
+        Built-in label names used without a table (``auto``, ``totalseg_v2``, ``totalseg_v1``).
+    resample_labels : bool
+        Resample a label map on another grid onto the CT's.
+    """
+
+    ct: str
+    labels: str
+    label_table: str | None = None
+    label_set: str = "auto"
+    resample_labels: bool = False
+
+
+def ct_cache_root(source: CTSource) -> Path:
+    """Cache of the rendered components of sequences of another CT than the example (keyed by its content)."""
+    from ..provenance import content_sha256
+
+    return _cache_root() / f"ct_{content_sha256(source.ct)[:16]}"
+
+
+def sequence_frames(ct, ct_path: str, spec: SequenceSpec, setup, poses: torch.Tensor, renderer_cache: dict, cache_root: Path | None = None):
+    """``(frames (F, H, W) encoded, encoding, intensity, meta)`` of a sequence from its source.
+
+    ``cache_root`` holds the rendered components of ``randomised`` sequences (by sequence key;
+    default: the example CT's benchmark cache, ``~/.cache/reg2d3d_ros/benchmark``): give another
+    one for another CT or frame size.
+    """
     intr = setup.intrinsics()
     if spec.source == "nominal":
         from ..sim import XrayDegradation, simulate_sequence, xray_renderer
@@ -193,7 +242,7 @@ def sequence_frames(ct, ct_path: str, spec: SequenceSpec, setup, poses: torch.Te
     if spec.source == "randomised":
         from ..sim import randomize as rz
 
-        cache = _cache_root() / "components"
+        cache = (_cache_root() if cache_root is None else Path(cache_root)) / "components"
         cache.mkdir(parents=True, exist_ok=True)
         f = cache / (spec.key.replace("/", "_") + ".npy")
         if f.exists():
@@ -292,8 +341,12 @@ def read_rows(results: Path) -> tuple:
     return seqs, [r for r in frames if r["key"] in keys]
 
 
-def run(specs: list, out: Path, overrides: dict | None = None, progress: bool = True) -> Path:
-    """Run the sequences not yet in ``out/results.jsonl``; returns the results file."""
+def run(specs: list, out: Path, overrides: dict | None = None, progress: bool = True, source: CTSource | None = None) -> Path:
+    """Run the sequences not yet in ``out/results.jsonl``; returns the results file.
+
+    ``source``: another CT than the built-in example (its rendered components are cached by
+    :func:`ct_cache_root`); the specs' vertebrae must be labelled in it.
+    """
     from ..example import example_paths
     from ..sim import CArmSetup
     from ..volume import load_ct, resolve_label
@@ -307,24 +360,31 @@ def run(specs: list, out: Path, overrides: dict | None = None, progress: bool = 
         print(f"benchmark: {len(specs)} sequences, {len(specs) - len(todo)} already in {results}, {len(todo)} to run", flush=True)
     if not todo:
         return results
-    paths = example_paths()
-    ct = load_ct(paths.ct, labels_path=paths.labels, label_table=paths.label_table)
+    if source is None:
+        ex = example_paths()
+        paths, cache_root = CTSource(str(ex.ct), str(ex.labels), str(ex.label_table)), None
+    else:
+        paths, cache_root = source, ct_cache_root(source)
+    ct = load_ct(paths.ct, labels_path=paths.labels, label_table=paths.label_table, label_set=paths.label_set,
+                 resample_labels=paths.resample_labels)
+    labels_settings = {"label_set": paths.label_set, "resample_labels": paths.resample_labels}
     setup = CArmSetup().at_size(SIZE)
     pipes, renderers = {}, {}
     t_all = time.perf_counter()
     for i, spec in enumerate(todo):
         t0 = time.perf_counter()
         poses = sequence_poses(ct, spec, setup)
-        frames, encoding, intensity, meta = sequence_frames(ct, str(paths.ct), spec, setup, poses, renderers)
+        frames, encoding, intensity, meta = sequence_frames(ct, str(paths.ct), spec, setup, poses, renderers, cache_root=cache_root)
         if spec.vertebra not in pipes:
-            pipes[spec.vertebra] = make_pipeline(str(paths.ct), str(paths.labels), str(paths.label_table), spec.vertebra, overrides, intensity)
+            pipes[spec.vertebra] = make_pipeline(str(paths.ct), str(paths.labels), str(paths.label_table or ""), spec.vertebra,
+                                                 {**labels_settings, **overrides}, intensity)
         pipe = pipes[spec.vertebra]
         pipe.config = replace(pipe.config, intensity=intensity)  # what this source's pixel values mean, as the node's parameter says
         pts = torch.from_numpy(ct.label_points_ct_mm([resolve_label(spec.vertebra, ct.label_names)], max_points=1000, seed=0))
         t1 = time.perf_counter()
         rows = run_sequence(pipe, spec, frames, encoding, poses, pts, setup)
         seq_row = {"kind": "sequence", "key": spec.key, **asdict(spec), "encoding": encoding, "intensity": intensity,
-                   "overrides": overrides, "render_s": round(t1 - t0, 1), "run_s": round(time.perf_counter() - t1, 1), **meta}
+                   "overrides": overrides, "config": {k: v for k, v in asdict(pipe.config).items() if not k.endswith("_path")}, "render_s": round(t1 - t0, 1), "run_s": round(time.perf_counter() - t1, 1), **meta}
         with open(results, "a") as fh:
             for r in rows:
                 fh.write(json.dumps(r) + "\n")

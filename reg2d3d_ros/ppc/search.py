@@ -229,6 +229,8 @@ class GradientCorrelation:
     ----------
     evaluations : int
         Poses scored so far.
+    grad_fixed : torch.Tensor
+        ``(2, h, w)`` float64 gradient of the frame at the score's resolution.
     """
 
     def __init__(self, registrator, image_att, intrinsics, level: float = 0.5):
@@ -237,8 +239,8 @@ class GradientCorrelation:
         s = min(1.0, level * max(1.0, pixel_mrad / ref))
         self.registrator = registrator
         self.intrinsics = intrinsics.scaled(s)
-        self._grad_fixed = registrator.fixed_gradients(image_att, [s])[s].to(torch.float64)
-        self._energy_fixed = (self._grad_fixed * self._grad_fixed).sum(dim=0)
+        self.grad_fixed = registrator.fixed_gradients(image_att, [s])[s].to(torch.float64)
+        self._energy_fixed = (self.grad_fixed * self.grad_fixed).sum(dim=0)
         self.evaluations = 0
 
     def __call__(self, T: torch.Tensor) -> float:
@@ -253,7 +255,7 @@ class GradientCorrelation:
         energy_m = float((gm * gm).sum())
         if energy_f <= 1e-12 or energy_m <= 1e-12:
             return 0.0
-        return float((gm * self._grad_fixed).sum()) / math.sqrt(energy_f * energy_m)
+        return float((gm * self.grad_fixed).sum()) / math.sqrt(energy_f * energy_m)
 
 
 def pose_gradient_correlation(registrator, image_att, intrinsics, T: torch.Tensor, level: float = 0.5) -> float:
@@ -287,12 +289,16 @@ class PeakCheck:
         Image-plane distance (mm at the target's depth) from the pose to that highest shift.
     ring_gc : float
         Median NGC over the shifts between half the range and the range (the surroundings).
+    shift_mm : tuple of float
+        Optical (x, y) translation (mm) that moves the pose onto the peak, refined to sub-pixel
+        precision by a parabola through the peak and its neighbours along each axis.
     """
 
     gc: float
     peak_gc: float
     peak_offset_mm: float
     ring_gc: float
+    shift_mm: tuple = (0.0, 0.0)
 
     @property
     def prominence(self) -> float:
@@ -340,6 +346,15 @@ def peak_check(registrator, image_att, intrinsics, T: torch.Tensor, range_mm: fl
     d = torch.arange(-m, m + 1, dtype=torch.float64) * mm_per_px
     dist = torch.sqrt(d[:, None] ** 2 + d[None, :] ** 2)
     k = int(torch.argmax(ngc))
+    iv, iu = divmod(k, ngc.shape[1])
     ring = ngc[(dist >= 0.5 * range_mm) & (dist <= range_mm)]
+
+    def vertex(a: float, b: float, c: float) -> float:  # offset of a parabola's vertex through (-1, a), (0, b), (1, c)
+        den = a - 2.0 * b + c
+        return 0.0 if den >= 0 else max(-0.5, min(0.5, 0.5 * (a - c) / den))
+
+    du = iu - m + (vertex(float(ngc[iv, iu - 1]), float(ngc[iv, iu]), float(ngc[iv, iu + 1])) if 0 < iu < 2 * m else 0.0)
+    dv = iv - m + (vertex(float(ngc[iv - 1, iu]), float(ngc[iv, iu]), float(ngc[iv + 1, iu])) if 0 < iv < 2 * m else 0.0)
+    z = float(c_opt[2])
     return PeakCheck(gc=float(ngc[m, m]), peak_gc=float(ngc.flatten()[k]), peak_offset_mm=float(dist.flatten()[k]),
-                     ring_gc=float(ring.median()) if ring.numel() else 0.0)
+                     ring_gc=float(ring.median()) if ring.numel() else 0.0, shift_mm=(du * z / float(intr.fx), dv * z / float(intr.fy)))
