@@ -143,7 +143,9 @@ class PipelineConfig:
         pixels and rejected 45 of 57 wrong ones); the inlier fraction was not used
         by default because its level depends on the frame size.
     min_correspondences : int
-        A registration with fewer contour correspondences is judged lost.
+        A registration with fewer contour correspondences is judged lost; lowered (to 30 % of
+        them, at least 12) where the target shows fewer contour points at the pose
+        (:func:`reg2d3d_ros.ppc.surface.min_correspondences_at`).
     models_dir : str
         Folder of model files ('' for none); every model file in it is checked at load time.
     backend, device : str
@@ -369,7 +371,11 @@ class RegistrationPipeline:
                 raise ModelLoadError(f"tracker {cfg.tracker!r} needs PPC-L networks for the levels {sorted(set(missing))}; "
                                      f"{cfg.models_dir}/ppcl.pt has {list(learned.levels)} (train them with python -m reg2d3d_ros.train_ppcl --levels ...)")
         flow = load_ppcflow(cfg.models_dir, cfg.backend, cfg.device) if cfg.tracker == "ppc_flow_plus" else None
-        self.registrator = PPCRegistrator.from_ct(ct, cfg.target, learned=learned, flow=flow, moving=moving_image(cfg))
+        from .ppc.surface import surface_sampling
+
+        # a coarse CT (e.g. 3 mm) is sampled on a finer grid so that it gives as many surface points as a 0.7 mm one
+        self.registrator = PPCRegistrator.from_ct(ct, cfg.target, learned=learned, flow=flow, moving=moving_image(cfg),
+                                                  surface_kwargs=surface_sampling(ct.spacing_mm))
         self.scr = load_scr(cfg.models_dir, cfg.backend, cfg.device)
         if cfg.recover != "off" or cfg.refine != "off":
             from .intensity import IntensityRegistrator
@@ -516,8 +522,8 @@ class RegistrationPipeline:
                    f"{reference_gc:.3f}")
         elif result.inlier_fraction < cfg.lost_inlier_fraction:
             why = f"tracking lost: inlier fraction {result.inlier_fraction:.2f} < {cfg.lost_inlier_fraction}"
-        elif result.n_correspondences < cfg.min_correspondences:
-            why = f"tracking lost: {result.n_correspondences} correspondences < {cfg.min_correspondences}"
+        elif result.n_correspondences < (min_corr := self._min_correspondences(result.T_optical_from_ct, intr, mode)):
+            why = f"tracking lost: {result.n_correspondences} correspondences < {min_corr}"
         elif reference is not None and result.inlier_fraction < cfg.lost_relative_fraction * reference:
             why = (f"tracking lost: inlier fraction {result.inlier_fraction:.2f} dropped below {cfg.lost_relative_fraction} x its recent "
                    f"level {reference:.2f} (sudden motion or occlusion)" if mode == "track" else
@@ -582,6 +588,14 @@ class RegistrationPipeline:
             new_state = self.state
         return FrameResult(T_out if ok else None, new_state, why, result.inlier_fraction, time.perf_counter() - t0,
                            details, image, intr, T_registered=T_out)
+
+    def _min_correspondences(self, T: torch.Tensor, intr: CArmIntrinsics, mode: str) -> int:
+        """``min_correspondences``, lowered where the target shows fewer contour points at this pose (small or coarse targets)."""
+        from .ppc.surface import min_correspondences_at
+
+        ppc = self.track_config if mode == "track" else self.register_config
+        return min_correspondences_at(self.registrator.pts, self.registrator.normals, T, intr.K(torch.float64), self.config.min_correspondences,
+                                      max_cos=ppc.max_cos, cell_px=ppc.cell_px)
 
     def _intensity_stage(self, image, intr, start, metric: str, recover: bool):
         """Intensity-based registration from ``start`` (the recover or refine stage); returns ``(pose, details)``.

@@ -11,6 +11,13 @@ Steps (each resumable: finished steps are kept, an interrupted one continues):
    ONNX Runtime / TensorRT) and ``scr.json`` (how it was made, training history);
 5. optionally (``--baseline``) train the pose-regression baseline (``posenet.pt``) for the evaluation.
 
+Everything it writes records what it was made from (:mod:`reg2d3d_ros.provenance`: SHA-256 of
+the CT and of the label map, the target's name and id, the C-arm geometry), and the node refuses
+a folder made for another CT or target (and ``prepare`` refuses to continue in one). ``scr.json``'s
+``training.seconds`` is the time of every run that went into the folder (an interrupted run
+resumed later counts both); ``training.runs`` lists them (``OUT/cache/runs.json`` keeps them
+between runs).
+
 ``--quality quick`` is a CPU model (fewer views and epochs: minutes to an hour on a laptop);
 ``--quality full`` is meant for a GPU (more views, more epochs). The node uses the folder as its
 ``models_dir``.
@@ -85,8 +92,12 @@ def prepare(args) -> Path:
     """
     out = Path(args.out)
     created = [d for d in (out, out / "cache") if not d.exists()]
+    t0 = time.time()
+    finished = False
     try:
-        return _prepare(args, out)
+        result = _prepare(args, out, t0)
+        finished = True
+        return result
     except BaseException:
         for d in reversed(created):
             try:
@@ -95,11 +106,69 @@ def prepare(args) -> Path:
             except OSError:
                 pass
         raise
+    finally:
+        _record_run(out / "cache", t0, finished)
 
 
-def _prepare(args, out: Path) -> Path:
+def _runs_file(cache: Path) -> Path:
+    return cache / "runs.json"
+
+
+def previous_runs(cache: Path) -> list:
+    """The earlier runs of ``prepare`` into a folder (``[{"started", "seconds", "finished"}]``; [] if none or unreadable)."""
+    try:
+        runs = json.loads(_runs_file(cache).read_text())
+    except (OSError, ValueError):
+        return []
+    return [r for r in runs if isinstance(r, dict) and isinstance(r.get("seconds"), (int, float))] if isinstance(runs, list) else []
+
+
+def _record_run(cache: Path, t0: float, finished: bool) -> None:
+    """Append this run (start, duration, finished or not) to ``cache/runs.json`` when the cache folder exists."""
+    if not cache.is_dir():
+        return
+    runs = previous_runs(cache) + [{"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
+                                    "seconds": round(time.time() - t0, 1), "finished": bool(finished)}]
+    try:
+        tmp = _runs_file(cache).with_suffix(".tmp")
+        tmp.write_text(json.dumps(runs, indent=1))
+        tmp.replace(_runs_file(cache))
+    except OSError:
+        pass  # the record of the time spent is not worth failing the run for
+
+
+def _check_resumable(out: Path, provenance: dict) -> None:
+    """Refuse to continue in a folder that holds a model (or surface points) made from other data.
+
+    Raises
+    ------
+    ConfigError
+        ``out`` was written for another CT, label map, target or C-arm geometry.
+    """
+    from .provenance import provenance_differences, read_models_provenance
+
+    made, where = read_models_provenance(out) if out.is_dir() else (None, None)
+    if made is None:
+        for f in sorted(out.glob("surface_*.npz")) if out.is_dir() else []:
+            try:
+                with np.load(f, allow_pickle=False) as z:
+                    if "provenance_json" in z.files:
+                        made, where = json.loads(str(z["provenance_json"])), f
+                        break
+            except (OSError, ValueError):
+                continue
+    diffs = provenance_differences(made, provenance) if isinstance(made, dict) else []
+    if diffs:
+        raise ConfigError(f"{out} holds a model folder made for {'; '.join(diffs)} (recorded in {where}): choose another --out, "
+                          "or delete that folder to start afresh")
+
+
+def _prepare(args, out: Path, t0: float) -> Path:
     from .engines import export_network, file_sha256, networks_of, resolve_device
     from .ppc import PPCRegistrator
+    from .ppc.surface import surface_sampling
+    from .provenance import make_provenance
+    from .progress import Steps
     from .scr.data import DatasetSpec, SceneNormalisation, build_view_cache, load_views
     from .scr.model import SCRInitializer
     from .scr.train import TrainConfig, train_pose_regression, train_scr
@@ -114,23 +183,23 @@ def _prepare(args, out: Path) -> Path:
     if args.size % 32:
         raise ConfigError(f"--size must be a multiple of 32, got {args.size}")
     cache = out / "cache"
-    t0 = time.time()
 
-    def say(msg):
-        if progress:
-            print(f"[{time.time() - t0:6.0f} s] {msg}", file=sys.stderr, flush=True)
+    # the project's step lines (reg2d3d_ros.progress), timed from the start of this run
+    say = Steps(stream=sys.stderr, enabled=progress, t0=time.monotonic() - (time.time() - t0))
 
     say(f"loading CT {args.ct}")
     ct = load_ct(args.ct, labels_path=args.labels, label_table=args.label_table, label_set=args.label_set,
                  resample_labels=args.resample_labels)
     lid = ct.structure_id(args.target)
+    provenance = make_provenance(ct, args.target, args.sdd_mm, args.detector_mm, args.size)
+    _check_resumable(out, provenance)
     cache.mkdir(parents=True, exist_ok=True)
     surf_path = out / f"surface_{args.target}.npz"
     if not surf_path.exists():
         say(f"extracting the bone surface of {args.target} (PPC)")
-        reg = PPCRegistrator.from_ct(ct, args.target)
+        reg = PPCRegistrator.from_ct(ct, args.target, surface_kwargs=surface_sampling(ct.spacing_mm))  # a coarse CT: a finer grid
         np.savez(surf_path, pts_ct_mm=reg.pts.numpy(), normals_ct=reg.normals.numpy(), label=lid,
-                 target_pts_ct_mm=ct.label_points_ct_mm([lid], max_points=2000, seed=0))
+                 target_pts_ct_mm=ct.label_points_ct_mm([lid], max_points=2000, seed=0), provenance_json=json.dumps(provenance))
     center = tuple(float(v) for v in structure_center(ct, args.target))
     spec = DatasetSpec(target=str(args.target), center_ct_mm=center, size=args.size, n_views=n_views, seed=args.seed,
                        sdd_mm=args.sdd_mm, pixel_spacing_mm=args.detector_mm / args.size, step_mm=args.step_mm)
@@ -145,12 +214,18 @@ def _prepare(args, out: Path) -> Path:
     cfg = TrainConfig(epochs=epochs, batch_size=preset["batch_size"], seed=args.seed, widths=tuple(preset["widths"]))
     say(f"training the SCR U-Net ({epochs} epochs, device {device})")
     net, history = train_scr(views, norm, cfg, cache / "scr_checkpoint.pt", device=device, progress=progress, init_from=args.init_from)
+    runs = previous_runs(cache)
+    seconds = round(time.time() - t0)
     meta = {
         "size": args.size, "stride": cfg.stride, "widths": list(cfg.widths), "center_ct_mm": list(center), "scale_mm": norm.scale_mm,
         "target": str(args.target), "label_names": getattr(ct.label_names, "source", ""), "ct": str(args.ct), "sdd_mm": args.sdd_mm,
         "detector_mm": args.detector_mm,
         "quality": args.quality, "training": {"views": json.loads(json.dumps(asdict(spec))), "config": json.loads(json.dumps(asdict(cfg))),
-                                               "history": history, "device": device, "seconds": round(time.time() - t0)},
+                                               "history": history, "device": device,
+                                               "seconds": round(sum(r["seconds"] for r in runs) + seconds),
+                                               "runs": runs + [{"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
+                                                                "seconds": seconds, "finished": True}]},
+        "provenance": provenance,
     }
     model = SCRInitializer(net.cpu(), meta)
     model.save(out / "scr.pt")
@@ -164,7 +239,7 @@ def _prepare(args, out: Path) -> Path:
         pnet, phist = train_pose_regression(views, norm, pts, pcfg, cache / "posenet_checkpoint.pt", device=device, progress=progress)
         sd = {k: v.detach().cpu() for k, v in pnet.state_dict().items()}
         pmeta = {"size": args.size, "widths": list(cfg.widths), "center_ct_mm": list(center), "depth_mm": pnet.depth_mm,
-                 "scale_mm": pnet.scale_mm, "history": phist}
+                 "scale_mm": pnet.scale_mm, "history": phist, "provenance": provenance}
         torch.save({"format": "reg2d3d_posenet", "version": 1, "meta_json": json.dumps(pmeta), "state_dict": sd}, cache / "posenet.pt")
         say(f"wrote {cache / 'posenet.pt'}")
     say("done")

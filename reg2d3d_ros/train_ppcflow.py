@@ -57,16 +57,21 @@ def _run(args) -> int:
             raise ConfigError(f"unknown kind {k!r} (choose from {', '.join(KINDS)})")
     # the flow operators train half as many epochs as PPC-L at the same quality (each costs far more)
     ct, vertebrae, frames, starts, epochs = training_setup(args, epochs_scale=0.5 if args.quality != "tiny" else 1.0)
+    from .progress import Steps
+
     t0 = time.time()
+    step = Steps(1 + len(kinds), stream=sys.stderr)
+    step(f"collecting gradient images of {', '.join(vertebrae)} (cached in {args.cache})")
     data = collect(ct, vertebrae, frames, starts, args.max_mtre, args.size, args.seed, args.cache)
     t_data = time.time() - t0
     train = [s for v in vertebrae[:-1] for s in data[v]]
     val = data[vertebrae[-1]]
-    print(f"{len(train)} training, {len(val)} validation samples", file=sys.stderr)
+    step.note(f"{len(train)} training, {len(val)} validation samples")
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {"meta": {"vertebrae": vertebrae, "frames_per_view": frames, "starts": starts, "max_mtre_mm": args.max_mtre,
                         "size": args.size, "epochs": epochs, "seed": args.seed, "seconds_data": round(t_data)}, "kinds": {}}
     for kind in kinds:
+        step(f"training {kind} ({epochs} epochs)")
         t1 = time.time()
         op, hist = train_flow(train, val, FlowTrainConfig(kind=kind, epochs=epochs), checkpoint=args.cache / f"{kind}.ckpt")
         op.meta.update(summary["meta"])

@@ -86,7 +86,7 @@ def cached_training_frames(ct, vertebrae, frames_per_view: int, n_starts: int, m
 
     from .eval.cases import CaseSet, make_cases
     from .ppc import PPCRegistrator
-    from .ppc.learned import _bar
+    from .progress import bar as _bar, end_line
     from .sim import CArmSetup
 
     cache.mkdir(parents=True, exist_ok=True)
@@ -108,7 +108,7 @@ def cached_training_frames(ct, vertebrae, frames_per_view: int, n_starts: int, m
         if progress:
             _bar(what, j + 1, len(jobs), time.time() - t0)
     if progress:
-        print(file=sys.stderr)
+        end_line()
 
 
 def collect(ct, vertebrae, frames_per_view: int, n_starts: int, max_mtre: float, size: int, seed: int, cache: Path, progress: bool = True) -> dict:
@@ -166,8 +166,12 @@ def _run(args) -> int:
     from .ppc import PPCL_CONFIG
     from .ppc.learned import LearnedWeighting, PPCLTrainConfig, train_level
 
+    from .progress import Steps
+
     ct, vertebrae, frames, starts, epochs = training_setup(args)
     t0 = time.time()
+    step = Steps(stream=sys.stderr)
+    step(f"collecting correspondences of {', '.join(vertebrae)} (cached in {args.cache})")
     data = collect(ct, vertebrae, frames, starts, args.max_mtre, args.size, args.seed, args.cache)
     t_data = time.time() - t0
     args.out.mkdir(parents=True, exist_ok=True)
@@ -182,7 +186,7 @@ def _run(args) -> int:
     for level in levels:
         train = [s for v in vertebrae[:-1] for s in data[v].get(level, [])]
         val = [s for s in data[vertebrae[-1]].get(level, [])]
-        print(f"level {level}: {len(train)} training, {len(val)} validation samples", file=sys.stderr)
+        step(f"training PPC-L level {level}: {len(train)} training, {len(val)} validation samples, {epochs} epochs")
         net, hist = train_level(train, val, PPCL_CONFIG, tcfg, checkpoint=args.cache / f"ppcl_level{level:g}.ckpt")
         nets[level], histories[repr(level)] = net, hist
     meta = {

@@ -77,20 +77,26 @@ def _run(args) -> int:
         device = f"cuda:{local}"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device}: CUDA is not available here")
+    from .progress import Steps
+
     t0 = time.time()
+    step = Steps(3, stream=sys.stderr, enabled=int(os.environ.get("RANK", "0")) == 0)
+    step(f"collecting training samples of {', '.join(vertebrae)} (cached in {args.cache})")
     data = collect(ct, vertebrae, frames, samples, args.size, args.seed, args.cache)
     t_data = time.time() - t0
     train = [s for v in vertebrae[:-1] for s in data[v]]
     val = data[vertebrae[-1]]
     n_tr, n_va = sum(len(s["xi"]) for s in train), sum(len(s["xi"]) for s in val)
-    print(f"{n_tr} training, {n_va} validation samples ({t_data:.0f} s)", file=sys.stderr)
+    step.note(f"{n_tr} training, {n_va} validation samples ({t_data:.0f} s)")
     cfg = SimilarityTrainConfig(epochs=epochs, input_size=args.input_size, seed=args.seed)
+    step(f"training the learned similarity ({epochs} epochs, device {device})")
     model, hist = train_similarity(train, val, cfg, checkpoint=args.cache / f"similarity_s{args.seed}_{'-'.join(vertebrae)}_f{frames}_n{samples}.ckpt", device=device)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     from .intensity.learned import IN_PLANE
 
     baselines = {}
+    step("validation angles of gradient correlation and NCC (the baselines)")
     for name, fn in (("gc", gradient_correlation), ("ncc", ncc)):
         a = baseline_angles(val, fn, cfg.rot_radius_mm)
         ai = baseline_angles(val, fn, cfg.rot_radius_mm, dims=IN_PLANE)

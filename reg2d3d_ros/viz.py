@@ -304,12 +304,19 @@ class OutlineOverlay:
         return mask, pad, cut
 
     def outlines(self, layer: OutlineLayer, T, K, height: int, width: int) -> list:
-        """Outline polylines of one layer at a pose: a list of ``(M, 1, 2)`` int32 ``(u, v)`` arrays and closed flags.
+        """Outline polylines of one layer at a pose.
+
+        Parameters
+        ----------
+        layer : OutlineLayer
+            The structure.
+        T, K, height, width
+            As :meth:`silhouette_mask`.
 
         Returns
         -------
         list of (np.ndarray, bool)
-            Each polyline in frame pixels (it may run outside the frame; drawing clips it) and
+            Each polyline (``(M, 1, 2)`` int32 ``(u, v)``) in frame pixels (it may run outside the frame; drawing clips it) and
             whether it is closed. A contour that passes where the structure is cut is split there
             into open pieces.
         """
@@ -339,7 +346,19 @@ class OutlineOverlay:
         return out
 
     def draw(self, rgb: np.ndarray, T, K, thickness: int | None = None) -> np.ndarray:
-        """Draw every layer's outline at pose ``T`` onto ``rgb`` (``(H, W, 3)`` uint8, changed in place and returned)."""
+        """Draw every layer's outline at a pose.
+
+        Parameters
+        ----------
+        rgb : np.ndarray
+            ``(H, W, 3)`` uint8 image, changed in place and returned.
+        T : torch.Tensor or np.ndarray
+            ``(4, 4)`` ``T_optical_from_ct``, mm.
+        K : torch.Tensor or np.ndarray
+            ``(3, 3)`` intrinsics of the image, pixels.
+        thickness : int, optional
+            Line thickness in pixels (default :func:`line_thickness` of the width).
+        """
         import cv2
 
         h, w = rgb.shape[:2]
@@ -370,7 +389,26 @@ def line_thickness(width: int) -> int:
 
 def legend_lines(state: str, confidence: float | None = None, latency_ms: float | None = None, target: str = "",
                  note: str = "") -> list:
-    """The legend's lines ``[(text, rgb), ...]``: the outline's name and the state, confidence and latency."""
+    """The legend's lines: the outline's name and the state, the confidence and the latency.
+
+    Parameters
+    ----------
+    state : str
+        The node's state (its colour: green tracking, yellow initialising, red lost).
+    confidence : float, optional
+        Confidence to show (the inlier fraction of the registration, 0-1).
+    latency_ms : float, optional
+        Latency to show, ms.
+    target : str
+        Name of the outlined structure.
+    note : str
+        A third line (e.g. why there is no pose).
+
+    Returns
+    -------
+    list of (str, tuple)
+        Text and RGB colour of each line, for :func:`draw_legend`.
+    """
     first = f"{target} " if target else ""
     lines = [(f"{first}{state}", STATE_RGB.get(state, (255, 255, 255)))]
     parts = []

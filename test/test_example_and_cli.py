@@ -70,31 +70,75 @@ def test_training_and_evaluation_commands_report_user_errors(tmp_path):
 
 def test_demo_runs_end_to_end_through_the_node(tmp_path):
     out = tmp_path / "demo"
-    # lock-step replay: every frame is answered, however loaded the machine (the real-time replay,
-    # where a loaded node drops frames, is tested in test_node.py)
+    # the default sequence (randomised physics, C-arm sweep with breathing), short and small; lock-step
+    # replay: every frame is processed, however loaded the machine (the real-time replay, where a
+    # loaded node drops frames, is tested in test_node.py)
     res = run_cli(["reg2d3d_ros.demo", "--frames", "6", "--size", "128", "--lockstep", "--init", "ground-truth", "--vertebra", "T12",
                    "--view", "ap", "--out", str(out)], tmp_path)
     assert res.returncode == 0, res.stderr[-2000:] + res.stdout[-2000:]
     assert str(out) in res.stdout
     assert "initial pose = ground truth of frame 0" in res.stdout
+    assert "[2/5, " in res.stdout and "[5/5, " in res.stdout  # the project's step lines
     assert "replayed" in res.stdout and "poses for 6 frames" in res.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["simulated"] is True and summary["frames_replayed"] == 6
+    assert summary["physics"]["physics"].startswith("randomised") and summary["trajectory"] == "sweep"
     assert "lock-step on /registration/pose: 0 unanswered" in res.stdout
-    assert summary["poses_published"] == 6 and summary["tf_messages"] >= summary["poses_published"]
+    assert summary["poses_published"] == summary["answered"] >= 4 and summary["tf_messages"] >= summary["poses_published"]
+    # every frame is accounted for: answered, refused (processed, no pose), dropped or lost on the way
+    assert summary["answered"] + summary["refused"] + summary["dropped"] + summary["not_received"] + summary["no_answer"] == 6
+    assert summary["dropped"] == summary["no_answer"] == 0 and len(summary["status_per_frame"]) == 6  # lock-step: none dropped
     assert summary["mrpd_mm"]["median"] < 5.0  # registered (a loose bound: 128x128 frames, 2.4 mm pixels)
     assert (out / "error_per_frame.png").stat().st_size > 1000
     assert (out / "sequence_bag" / "metadata.yaml").is_file()
     assert "ready in" in (out / "node.log").read_text()
+    # the animation: one picture per frame (answered, refused or dropped), beside the error plot
+    from PIL import Image
+
+    with Image.open(out / "animation.gif") as gif:
+        assert gif.n_frames == 6 and gif.size[0] > gif.size[1]
+    assert summary["animation"]["frames"] == 6 and (out / "overview.png").stat().st_size > 10000
     overlays = sorted((out / "overlays").iterdir())
     assert len(overlays) >= 3  # overlays go out best-effort (sensor QoS): one lost is no failure
     import cv2
 
     img = cv2.imread(str(overlays[0]))
     assert img.shape == (128, 128, 3)
-    # the node draws the contour in green (OpenCV reads BGR)
+    # the node draws the target's outline in green (OpenCV reads BGR)
     b, g, r = img[..., 0].astype(int), img[..., 1].astype(int), img[..., 2].astype(int)
     assert ((g > 180) & (r < 120) & (b < 120)).sum() > 10
+
+
+def test_demo_marks_refused_and_dropped_frames(tmp_path):
+    """The demo's pictures of frames without a pose say so (no ROS here: the drawing only)."""
+    import torch
+    from PIL import Image
+
+    from reg2d3d_ros import demo
+    from reg2d3d_ros.geometry.camera import CArmIntrinsics
+    from reg2d3d_ros.sim.sequence import SimulatedSequence
+
+    n = 4
+    rng = np.random.default_rng(0)
+    intr = CArmIntrinsics.from_detector(1020.0, 2.4, 64, 64)
+    seq = SimulatedSequence(images=(rng.random((n, 64, 64)) * 60000).astype(np.uint16), encoding="mono16", intensity="attenuation",
+                            poses_mm=np.tile(np.eye(4), (n, 1, 1)), intrinsics=intr, stamps_ns=np.arange(n) * 10**8)
+    status = [demo.ANSWERED, demo.REFUSED, demo.DROPPED, demo.ANSWERED]
+    refused = demo.frame_picture(seq, 1, demo.REFUSED, None)
+    dropped = demo.frame_picture(seq, 2, demo.DROPPED, None)
+    assert np.all(refused[0, :, 0] > 200) and np.all(refused[0, :, 1] < 100)  # red border: refused
+    assert np.all(dropped[0, :, 0] == dropped[0, :, 1])  # grey border: dropped
+    answered = np.array([0, 3])
+    plot, x_to_px, rows = demo.error_plot(tmp_path / "plot.png", n, answered, np.array([0.5, 3.0]), np.linspace(0, 4, n), status, 2.0, "t")
+    assert (tmp_path / "plot.png").is_file() and rows[0] < rows[1] and x_to_px(0) < x_to_px(3)
+    pictures = [np.full((64, 64, 3), 128, np.uint8), refused, dropped, np.full((64, 64, 3), 128, np.uint8)]
+    frames = list(demo.animation_frames(pictures, plot, x_to_px, rows, status))
+    assert len(frames) == n and frames[0].shape[0] == plot.shape[0]
+    assert demo.write_gif(tmp_path / "a.gif", frames, 6.0) == n
+    with Image.open(tmp_path / "a.gif") as gif:
+        gif.seek(1)
+        left = np.asarray(gif.convert("RGB"))[:, : plot.shape[0]].astype(int)
+    assert (left[..., 0] - left[..., 1] > 150).mean() > 0.02  # the refused frame's red border survives the palette
 
 
 def test_bag_tools_report_user_errors(tmp_path):
@@ -108,5 +152,7 @@ def test_bag_tools_report_user_errors(tmp_path):
         w.add_connection("/carm/image", "sensor_msgs/msg/Image", typestore=get_typestore(Stores.ROS2_KILTED))
     res = run_cli(["reg2d3d_ros.replay", str(bag), "--lockstep", "/my/answer"], tmp_path)
     assert res.returncode == 2 and "type of topic /my/answer unknown" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli(["reg2d3d_ros.replay", str(bag), "--lockstep-until-answer"], tmp_path)
+    assert res.returncode == 2 and "--lockstep-until-answer needs --lockstep" in res.stderr and "Traceback" not in res.stderr
     res = run_cli(["reg2d3d_ros.record", str(bag), "--topics", "/registration/pose"], tmp_path)
     assert res.returncode == 2 and "already exists" in res.stderr and "Traceback" not in res.stderr

@@ -299,8 +299,8 @@ def test_bad_inputs_are_reported_and_the_next_good_frame_works(sim_bag, node_fac
     assert "unsupported image encoding 'rgb8'" in log and "Traceback" not in log
 
 
-@pytest.mark.parametrize("case", ["missing CT", "corrupt CT", "corrupt model"])
-def test_bad_ct_or_model_keeps_the_node_alive_with_an_error(sim_bag, node_factory, tmp_path, case):
+@pytest.mark.parametrize("case", ["missing CT", "corrupt CT", "corrupt model", "model for another target", "model for another CT"])
+def test_bad_ct_or_model_keeps_the_node_alive_with_an_error(sim_bag, node_factory, tmp_path, case, request):
     params = dict(sim_bag["params"])
     if case == "missing CT":
         params["ct_path"] = str(tmp_path / "no_such_ct.nii.gz")
@@ -310,6 +310,13 @@ def test_bad_ct_or_model_keeps_the_node_alive_with_an_error(sim_bag, node_factor
         bad.write_bytes(b"\x1f\x8bnot really gzip" * 100)
         params["ct_path"] = str(bad)
         expected = "cannot read CT"
+    elif case == "model for another target":  # issue 19: the example's T8 model for T7
+        params["models_dir"] = str(REPO / "models" / "example_T8")
+        expected = "models folder " + params["models_dir"] + " was made for target T8 (vertebrae_T8, id 36), not T7 (vertebrae_T7, id 37)"
+    elif case == "model for another CT":  # issue 19: the example's model for a 3 mm CT's L3
+        ct_3mm = request.getfixturevalue("ct_3mm")
+        params.update(ct_path=str(ct_3mm["ct"]), labels_path=str(ct_3mm["labels"]), target="L3", models_dir=str(REPO / "models" / "example_T8"))
+        expected = "was made for CT ~/.cache/reg2d3d_ros/example_ct/cxr.nii.gz (sha256 b1c29dfa53ea), not " + str(ct_3mm["ct"])
     else:
         models = tmp_path / "models"
         models.mkdir()

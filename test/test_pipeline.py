@@ -176,14 +176,24 @@ def test_states_initial_pose_tracking_lost_and_reset(setting):
     pipe.config.lost_inlier_fraction = 1.01
     res = pipe.process(*frame(seq, 2))
     assert res.T_optical_from_ct is None and res.state == LOST and "tracking lost" in res.error
+    # its overlay: the frame without an outline, a red border, the state and the reason
+    lost = pipe.overlay(res).astype(int)
+    assert np.all(lost[0, :, 0] > 200) and np.all(lost[0, :, 1] < 100)
+    assert ((lost[80:, :, 1] - np.maximum(lost[80:, :, 0], lost[80:, :, 2])) > 60).sum() == 0
     pipe.config.lost_inlier_fraction = threshold
     res = pipe.process(*frame(seq, 2))
     assert res.T_optical_from_ct is not None and res.details["mode"] == "initialise (last_good)" and res.state == TRACKING
-    # overlay: contours drawn in green on the frame
-    rgb = pipe.overlay(res)
+    # overlay: the target's outline drawn in green on the frame, as connected lines (below the legend)
+    rgb = pipe.overlay(res, latency_ms=42.0)
     assert rgb.shape == (seq.intrinsics.height, seq.intrinsics.width, 3) and rgb.dtype == np.uint8
-    green = (rgb[..., 1] == 230) & (rgb[..., 0] == 40)
-    assert green.sum() > 50
+    x = rgb[80:].astype(int)
+    green = (x[..., 1] - np.maximum(x[..., 0], x[..., 2])) > 60
+    assert green.sum() > 300
+    from reg2d3d_ros.viz import OutlineOverlay
+
+    outline = OutlineOverlay.from_ct(pipe.registrator.roi, "T7", neighbours=0)
+    lines = outline.outlines(outline.target, res.T_optical_from_ct, seq.intrinsics.K(torch.float64), *rgb.shape[:2])
+    assert len(lines) <= 3 and max(len(p) for p, _ in lines) > 150  # one outline (and maybe a small island), not dots
     # reset forgets the pose: the next frame waits for an initial pose again
     pipe.reset()
     res = pipe.process(*frame(seq, 3))

@@ -188,6 +188,24 @@ def test_tiny_prepare_trains_exports_and_the_pipeline_uses_it(tmp_path):
     # resumable: a second run finds the views and the finished checkpoint and does not train again
     res2 = subprocess.run(cmd[:-1], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res2.returncode == 0 and "resuming" in res2.stderr and "rendering views [" not in res2.stderr
+    # issue 19: what it was made from, in everything it wrote; the training time of both runs
+    meta2 = json.loads((out / "scr.json").read_text())
+    prov = meta2["provenance"]
+    assert prov["ct"]["sha256"] == file_sha256(ex.ct) and prov["labels"]["sha256"] == file_sha256(ex.labels)
+    assert prov["target"] == {"asked": "T8", "name": "vertebrae_T8", "id": 36}
+    assert prov["geometry"] == {"sdd_mm": 1020.0, "detector_mm": 307.2, "size": 64}
+    assert SCRInitializer.load(out / "scr.pt").meta["provenance"] == prov
+    with np.load(out / "surface_T8.npz", allow_pickle=False) as z:
+        assert json.loads(str(z["provenance_json"])) == prov
+    runs = meta2["training"]["runs"]
+    assert len(runs) == 2 and meta2["training"]["seconds"] == round(sum(r["seconds"] for r in runs)) >= meta["training"]["seconds"]
+    assert len(json.loads((out / "cache" / "runs.json").read_text())) == 2
+    # a folder made for T8 is not continued for another target; the node's pipeline refuses it for another one
+    res3 = subprocess.run(cmd[:8] + ["T9"] + cmd[9:], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res3.returncode == 2 and "Traceback" not in res3.stderr, res3.stderr
+    assert f"{out} holds a model folder made for target T8 (vertebrae_T8, id 36), not T9 (vertebrae_T9, id 35)" in res3.stderr
+    with pytest.raises(ModelLoadError, match="was made for target T8 .*not T9"):
+        RegistrationPipeline(PipelineConfig(ct_path=str(ex.ct), labels_path=str(ex.labels), target="T9", models_dir=str(out))).load()
     # ONNX Runtime and PyTorch agree
     m = SCRInitializer.load(out / "scr.pt")
     frame = np.random.default_rng(0).random((128, 128)).astype(np.float32)

@@ -400,7 +400,7 @@ def train_similarity(train: list, val: list, cfg: SimilarityTrainConfig, checkpo
         ``(LearnedSimilarity, history)``; ``history`` has one dict per epoch.
     """
     from ..nets.similarity import SimilarityNet
-    from ..scr.data import _bar
+    from ..progress import bar as _bar, end_line
     from ..scr.train import _distributed, _lr_at, _resume, _save
 
     if not train:
@@ -453,7 +453,8 @@ def train_similarity(train: list, val: list, cfg: SimilarityTrainConfig, checkpo
         row |= _evaluate(net, val, cfg, device)
         history.append(row)
         if progress:
-            print(f"\nepoch {epoch + 1}: train angle {row['train_angle_deg']:.1f} deg, decomp {row['train_decomp']:.3f}; "
+            end_line()
+            print(f"epoch {epoch + 1}: train angle {row['train_angle_deg']:.1f} deg, decomp {row['train_decomp']:.3f}; "
                   f"val angle mean {row['val_angle_mean_deg']:.1f} median {row['val_angle_median_deg']:.1f} deg, "
                   f"descent {100 * row['val_descent_fraction']:.0f} %, in-plane angle {row['val_inplane_angle_mean_deg']:.1f} deg", file=sys.stderr)
         if checkpoint is not None:

@@ -284,7 +284,7 @@ class PeakCheck:
     gc : float
         NGC of the moving gradient with the frame's at the pose (zero shift), in ``[-1, 1]``.
     peak_gc : float
-        Highest NGC over the shifts searched.
+        Highest NGC over the shifts within the range (a disc, less one pixel at its rim).
     peak_offset_mm : float
         Image-plane distance (mm at the target's depth) from the pose to that highest shift.
     ring_gc : float
@@ -345,7 +345,10 @@ def peak_check(registrator, image_att, intrinsics, T: torch.Tensor, range_mm: fl
     ngc = ngc_map(grad_fixed, moving[0], moving[1], m)
     d = torch.arange(-m, m + 1, dtype=torch.float64) * mm_per_px
     dist = torch.sqrt(d[:, None] ** 2 + d[None, :] ** 2)
-    k = int(torch.argmax(ngc))
+    # the peak is looked for inside the disc of the range, one pixel short of its rim: a maximum on
+    # the rim or in the square's corners is a structure entering the window, not a nearby optimum
+    inside = dist <= range_mm - mm_per_px
+    k = int(torch.argmax(torch.where(inside, ngc, torch.full_like(ngc, -2.0))))
     iv, iu = divmod(k, ngc.shape[1])
     ring = ngc[(dist >= 0.5 * range_mm) & (dist <= range_mm)]
 

@@ -93,6 +93,10 @@ def run_tool(args: list, env: dict, timeout: float, cwd: Path = REPO) -> subproc
         out, err = proc.communicate()
         raise TimeoutError(f"{' '.join(map(str, args[1:4]))} ... did not finish within {timeout:g} s; "
                            f"stdout:\n{out[-3000:]}\nstderr (with its stacks):\n{err[-8000:]}") from None
+    except BaseException:  # Ctrl-C or SIGTERM of the caller: the tool does not outlive it
+        proc.kill()
+        proc.wait()
+        raise
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 

@@ -18,13 +18,18 @@ way), or the node has published no ``/diagnostics`` for 5 s (it stopped or hangs
 consecutive unanswered frames (default 3) the replay stops with an error that says why
 (exit status 2). The frames left unanswered are listed at the end.
 
+``--lockstep-until-answer`` keeps the lock-step only until the first frame answered on the
+answer topic (the node's first pose: its initialisation, which takes seconds) and replays the
+rest at the recorded pace: what a C-arm user does (a first shot, then fluoroscopy), where the
+node drops frames only when tracking cannot keep up.
+
 Usage::
 
     python -m reg2d3d_ros.replay BAG [--rate 1.0] [--topics /carm/image /carm/camera_info]
                                     [--remap /carm/image:=/other/image] [--wait-subscribers 1]
                                     [--qos reliable|sensor] [--loop]
                                     [--lockstep /registration/pose [--lockstep-timeout 20]
-                                     [--lockstep-max-unanswered 3]]
+                                     [--lockstep-max-unanswered 3] [--lockstep-until-answer]]
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds to wait at most for each answer (sooner when the node did not receive the frame or went silent)")
     ap.add_argument("--lockstep-max-unanswered", type=int, default=3,
                     help="stop the replay (exit status 2) after this many consecutive unanswered frames; 0: never")
+    ap.add_argument("--lockstep-until-answer", action="store_true",
+                    help="lock-step only until the first answer on the --lockstep topic (e.g. the first pose), then at --rate")
     return ap
 
 
@@ -222,6 +229,9 @@ def replay(args) -> tuple[int, int]:
         if not answer_type:
             reader.close()
             raise Reg2D3DError(f"type of topic {answer_topic} unknown: give it as --lockstep {answer_topic}:=pkg/msg/Type")
+    elif getattr(args, "lockstep_until_answer", False):
+        reader.close()
+        raise Reg2D3DError("--lockstep-until-answer needs --lockstep TOPIC (the topic whose first message ends the lock-step)")
     stop_event = init_ros()
     node = rclpy.create_node("reg2d3d_replay")
     qos = qos_profile_sensor_data if args.qos == "sensor" else QoSProfile(depth=100)
@@ -260,6 +270,7 @@ def replay(args) -> tuple[int, int]:
         sent = 0
         consecutive = 0
         lost = 0  # frames the node never received: its counts stay that much below the frames sent
+        locked = bool(answer_topic)  # False once --lockstep-until-answer saw its first answer
         time.sleep(args.start_delay)
         n = 0
         while True:
@@ -277,7 +288,9 @@ def replay(args) -> tuple[int, int]:
                 before = watch.answers
                 pubs[conn.topic].publish(bytes(raw))
                 n += 1
-                if answer_topic and conn.topic == args.lockstep_on:
+                if conn.topic == args.lockstep_on and answer_topic and not locked:
+                    sent += 1  # counted for the node's diagnostics totals, not waited for
+                elif answer_topic and conn.topic == args.lockstep_on:
                     sent += 1
                     why = wait_for_answer(watch, lambda t: rclpy.spin_once(node, timeout_sec=t), before,
                                           None if baseline is None else baseline + sent - lost,
@@ -296,6 +309,8 @@ def replay(args) -> tuple[int, int]:
                                 f"replay stopped after {sent} of {to_send} frames. Last: {why}; {watch.describe()}")
                     else:
                         consecutive = 0
+                        if getattr(args, "lockstep_until_answer", False) and watch.answers > before:
+                            locked = False
                     if t_bag0 is not None:  # the pace restarts after the answer
                         t_bag0, t_wall0 = t_ns, time.monotonic()
             if not args.loop:
@@ -327,7 +342,8 @@ def main(argv=None) -> int:
 
     def body():
         n, unanswered = replay(args)
-        extra = f" (lock-step on {args.lockstep.partition(':=')[0]}: {unanswered} unanswered)" if args.lockstep else ""
+        until = " until its first answer, then at the recorded pace" if args.lockstep_until_answer else ""
+        extra = f" (lock-step on {args.lockstep.partition(':=')[0]}{until}: {unanswered} unanswered)" if args.lockstep else ""
         print(f"replayed {n} messages from {args.bag}{extra}")
 
     return exit_status(run_cli(body, "python -m reg2d3d_ros.replay"))

@@ -14,7 +14,7 @@ from .graph import TestGraph, graph_env, last_diagnostics, pose_msg, run_tool, s
 
 
 def run_bag_through_node(bag: Path, params: dict, T_initial_mm, out: Path, rate: float = 1.0, n_frames: int = 0,
-                         log=print, ready_timeout_s: float = 120.0, lockstep: bool = False) -> dict:
+                         log=print, ready_timeout_s: float = 120.0, lockstep: bool = False, lockstep_until_answer: bool = False) -> dict:
     """Start the node, publish an initial pose (or let it initialise itself), replay ``bag`` into it and collect its outputs.
 
     Parameters
@@ -27,7 +27,8 @@ def run_bag_through_node(bag: Path, params: dict, T_initial_mm, out: Path, rate:
         ``(4, 4)`` float64 ``T_optical_from_ct`` in mm, published on ``/registration/initial_pose``;
         None: publish nothing (the node initialises with its SCR model, ``models_dir``).
     out : Path
-        Folder for ``node.log`` and the ROS log folder.
+        Folder for ``node.log`` and the ROS log folder (``out/ros_log``, of every process this
+        starts; the replay runs in ``out``): nothing is written elsewhere.
     rate : float
         Replay rate (1 = recorded pace).
     n_frames : int
@@ -35,6 +36,8 @@ def run_bag_through_node(bag: Path, params: dict, T_initial_mm, out: Path, rate:
     lockstep : bool
         Replay each frame only after the node's pose of the previous one (every frame answered,
         whatever the machine's load); False: at ``rate``, the node dropping what it cannot keep up with.
+    lockstep_until_answer : bool
+        With ``lockstep``: only until the node's first pose (its initialisation), then at ``rate``.
 
     Returns
     -------
@@ -48,6 +51,7 @@ def run_bag_through_node(bag: Path, params: dict, T_initial_mm, out: Path, rate:
     from sensor_msgs.msg import Image
     from tf2_msgs.msg import TFMessage
 
+    out, bag = Path(out).resolve(), Path(bag).resolve()  # a relative folder would put the node's ROS logs elsewhere (it runs in the repository)
     log("[3/5] starting the registration node (its log: node.log)")
     env = graph_env(out, None)
     proc = start_node(env, {**params, "diagnostics_period": 0.5}, out / "node.log")
@@ -82,8 +86,10 @@ def run_bag_through_node(bag: Path, params: dict, T_initial_mm, out: Path, rate:
             res = run_tool(
                 [sys.executable, "-m", "reg2d3d_ros.replay", str(bag), "--rate", str(rate), "--qos", "sensor",
                  "--exclude", "/carm/ground_truth_pose", "--wait-subscribers", "1"]
-                + (["--lockstep", "/registration/pose", "--lockstep-timeout", "30"] if lockstep else []),
-                env, timeout=600 + (30 * n_frames if lockstep else 0), cwd=Path.cwd(),
+                # an initialisation (SCR, in-plane search, PPC, polish) takes 10-30 s on 2 free cores, minutes on loaded ones
+                + (["--lockstep", "/registration/pose", "--lockstep-timeout", "180"] if lockstep else [])
+                + (["--lockstep-until-answer"] if lockstep and lockstep_until_answer else []),
+                env, timeout=600 + (30 * n_frames if lockstep else 0), cwd=out,
             )
         except TimeoutError as exc:
             raise Reg2D3DError(f"the replay did not finish: {exc}") from None

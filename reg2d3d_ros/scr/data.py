@@ -23,7 +23,6 @@ every machine.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 
 from ..errors import ConfigError
 from ..geometry.camera import carm_pose
+from ..progress import bar, end_line
 
 #: Label-name prefixes of the bones whose surfaces are the scene.
 SCENE_LABEL_PREFIXES = ("vertebrae_",)
@@ -216,7 +216,7 @@ def build_view_cache(ct, spec: DatasetSpec, folder: Path, chunk: int = 64, progr
         if progress:
             _bar("rendering views", c1, spec.n_views, time.time() - t0)
     if progress:
-        print(file=sys.stderr)
+        end_line()
     return files
 
 
@@ -226,12 +226,8 @@ def load_views(files) -> dict:
     return {k: np.concatenate([p[k] for p in parts]) for k in ("poses", "line_integral", "entry_ct_mm", "exit_ct_mm", "hit")}
 
 
-def _bar(what: str, done: int, total: int, elapsed: float) -> None:
-    """A one-line text progress bar on stderr."""
-    frac = done / max(1, total)
-    eta = elapsed / max(frac, 1e-9) - elapsed
-    n = int(30 * frac)
-    print(f"\r{what} [{'#' * n}{'.' * (30 - n)}] {done}/{total} {elapsed:.0f} s, {eta:.0f} s left ", end="", file=sys.stderr, flush=True)
+#: The project's progress bar (:func:`reg2d3d_ros.progress.bar`), under the name the training loops import.
+_bar = bar
 
 
 # -- network input ---------------------------------------------------------------------------

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .data import SCRDataset, SceneNormalisation, _bar
+from ..progress import bar as _bar, end_line
+from .data import SCRDataset, SceneNormalisation
 from .loss import scr_loss
 
 
@@ -161,7 +162,8 @@ def train_scr(views: dict, norm: SceneNormalisation, cfg: TrainConfig, checkpoin
         val = evaluate_scr_loss(net, ds_val, val_idx, cfg, device)
         history.append({"epoch": epoch + 1, "train_loss": tot / max(1, cnt), **val, "seconds": round(time.time() - t0, 1)})
         if progress and rank == 0:
-            print(f"\nepoch {epoch + 1}: train loss {tot / max(1, cnt):.3f}, validation loss {val['val_loss']:.3f}, "
+            end_line()
+            print(f"epoch {epoch + 1}: train loss {tot / max(1, cnt):.3f}, validation loss {val['val_loss']:.3f}, "
                   f"scene-coordinate error {val['val_err_mm']:.2f} mm", file=sys.stderr)
         if rank == 0:
             _save(checkpoint, epoch, net, opt, meta, history)
@@ -231,7 +233,8 @@ def train_pose_regression(views: dict, norm: SceneNormalisation, target_pts_ct_m
                 _bar(f"pose regression epoch {epoch + 1}/{cfg.epochs}", b + 1, len(loader), time.time() - t_epoch)
         history.append({"epoch": epoch + 1, "train_mtre_mm": tot / max(1, cnt), "seconds": round(time.time() - t0, 1)})
         if progress:
-            print(f"\nepoch {epoch + 1}: train mTRE {tot / max(1, cnt):.1f} mm", file=sys.stderr)
+            end_line()
+            print(f"epoch {epoch + 1}: train mTRE {tot / max(1, cnt):.1f} mm", file=sys.stderr)
         _save(checkpoint, epoch, net, opt, meta, history)
     net.eval()
     return net, history

@@ -54,6 +54,7 @@ def parse_view(text: str):
 def run(args) -> Path:
     """Simulate and write the bag described by parsed ``args``; returns the bag folder."""
     from ..example import example_paths
+    from ..progress import Steps
     from ..volume import load_ct
     from .bag import write_sequence_bag
     from .degrade import XrayDegradation
@@ -65,7 +66,8 @@ def run(args) -> Path:
         ex = example_paths()
         args.ct, args.labels, args.label_table = ex.ct, ex.labels, ex.label_table
     t0 = time.perf_counter()
-    print(f"loading CT {args.ct}", flush=True)
+    step = Steps(3)
+    step(f"loading CT {args.ct}")
     ct = load_ct(args.ct, labels_path=args.labels, label_table=args.label_table)
     center = structure_center(ct, args.vertebra)
     setup = CArmSetup(args.sdd_mm, args.sid_mm, args.detector_mm / args.size, args.size, args.size)
@@ -74,7 +76,7 @@ def run(args) -> Path:
     poses = make_trajectory(args.trajectory, T0, args.frames, center, setup, view=view, fps=args.fps, seed=args.seed)
     renderer = xray_renderer(ct, bone_contrast=args.bone_contrast, binning=args.bin)
     deg = XrayDegradation(photons_per_pixel=args.dose or None, display=args.display, encoding=args.encoding)
-    print(f"simulating {args.frames} frames ({args.trajectory}, view {args.view}, {args.size}x{args.size})", flush=True)
+    step(f"simulating {args.frames} frames ({args.trajectory}, view {args.view}, {args.size}x{args.size})")
     seq = simulate_sequence(
         renderer,
         setup.intrinsics(),
@@ -86,6 +88,7 @@ def run(args) -> Path:
         progress=True,
         meta={"ct": str(args.ct), "vertebra": args.vertebra, "view": args.view, "trajectory": args.trajectory, "sid_mm": args.sid_mm},
     )
+    step(f"writing the bag ({args.storage})")
     path = write_sequence_bag(seq, args.out, storage=args.storage, overwrite=args.overwrite)
     print(f"wrote {len(seq)} frames to {path} ({time.perf_counter() - t0:.1f} s)")
     return path

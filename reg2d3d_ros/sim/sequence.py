@@ -6,7 +6,6 @@ camera intrinsics, time stamps and the ground-truth ``T_optical_from_ct`` (mm) o
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,7 +62,10 @@ def render_line_integrals(renderer, intrinsics: CArmIntrinsics, poses_mm: torch.
     K = intrinsics.K(dtype=torch.float64)
     H, W = intrinsics.height, intrinsics.width
     out = np.zeros((len(poses_mm), H, W), dtype=np.float32)
-    with torch.no_grad():
+    from ..progress import Bar
+
+    bar = Bar("rendering frames", len(poses_mm), enabled=progress)
+    with torch.no_grad(), bar:
         for start in range(0, len(poses_mm), batch):
             T = poses_mm[start : start + batch].to(torch.float64)
             L = renderer.render(T, K, H, W).line_integral.double()
@@ -71,10 +73,7 @@ def render_line_integrals(renderer, intrinsics: CArmIntrinsics, poses_mm: torch.
                 if objects:
                     L[b] += project_cylinders(objects, T[b], K, H, W)
             out[start : start + T.shape[0]] = L.numpy()
-            if progress:
-                print(f"\r  rendering frame {min(start + batch, len(poses_mm))}/{len(poses_mm)}", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+            bar.update(min(start + batch, len(poses_mm)))
     return out
 
 
