@@ -594,6 +594,8 @@ class RegistrationPipeline:
         from .ppc.surface import min_correspondences_at
 
         ppc = self.track_config if mode == "track" else self.register_config
+        if ppc is None or not hasattr(self.registrator, "pts"):  # a registrator set in without load() (tests): the setting as given
+            return self.config.min_correspondences
         return min_correspondences_at(self.registrator.pts, self.registrator.normals, T, intr.K(torch.float64), self.config.min_correspondences,
                                       max_cos=ppc.max_cos, cell_px=ppc.cell_px)
 
