@@ -37,7 +37,7 @@ setup(
     python_requires=">=3.10",
     entry_points={
         "console_scripts": [
-            f"registration_node = {PACKAGE}.registration_node:main",
+            f"registration_node = {PACKAGE}.ros.node:main",
             f"reg2d3d_replay = {PACKAGE}.ros.replay:main",
             f"reg2d3d_record = {PACKAGE}.ros.record:main",
             f"reg2d3d_demo = {PACKAGE}.demo:main",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "test"))  # the node harness, test/ros_graph.py
 
 
 def simulate(size: int, n_frames: int):
@@ -54,8 +56,8 @@ def bench_size(size: int, seconds: float, tmp: Path) -> dict:
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import CameraInfo, Image
 
-    from reg2d3d_ros.ros.graph import TestGraph, graph_env, last_diagnostics, pose_msg, start_node, stop_process
-    from reg2d3d_ros.ros.graph import sequence_frame_msg as frame_msg
+    from ros_graph import TestGraph, graph_env, last_diagnostics, pose_msg, start_node, stop_process  # the tests' harness (test/)
+    from ros_graph import sequence_frame_msg as frame_msg
     from diagnostic_msgs.msg import DiagnosticArray
 
     n_frames = 30

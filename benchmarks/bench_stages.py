@@ -38,8 +38,8 @@ from reg2d3d_ros.engines import available_backends, load
 from reg2d3d_ros.example import load_example
 from reg2d3d_ros.images import to_attenuation
 from reg2d3d_ros.ppc import TRACKING_CONFIG, PPCConfig, PPCRegistrator, gradient_image, ngc_search, select_contours, solve_ppc
-from reg2d3d_ros.ppc.flow import FlowOperator, attention_features
-from reg2d3d_ros.ppc.learned import LearnedWeighting, correspondence_features
+from reg2d3d_ros.ppcflow import FlowOperator, attention_features
+from reg2d3d_ros.ppcl import LearnedWeighting, correspondence_features
 from reg2d3d_ros.ppc.register import _levels
 from reg2d3d_ros.scr.model import SCRInitializer
 from reg2d3d_ros.sim import CArmSetup, XrayDegradation, simulate_sequence, structure_center, view_pose, xray_renderer

@@ -21,6 +21,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import ppcflow, ppcl, scr  # noqa: F401  (importing a method registers the format of its model files)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -30,7 +30,7 @@ import math
 
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, make_dataclass, replace
 
 import numpy as np
 import torch
@@ -38,11 +38,7 @@ import torch
 from .errors import ConfigError, ImageError, ModelLoadError, Reg2D3DError
 from .geometry.camera import CArmIntrinsics
 from .images import decode_image, to_attenuation
-
-#: Intensity stages (``recover``, ``refine``): off, or the similarity metric they use
-#: (``learned``: the learned similarity ``similarity.pt`` of ``models_dir``; ``learned_gc``: the
-#: learned similarity, then gradient correlation from its result).
-INTENSITY_STAGES = ("off", "ncc", "gc", "mncc", "learned", "learned_gc")
+from .settings import INTENSITY_STAGES, TRACK_DOFS, TRACKERS, pipeline_settings, validate  # noqa: F401 (re-exported)
 
 #: Gradient iterations of the learned similarity's recover stage.
 LEARNED_RECOVER_ITERATIONS = 60
@@ -63,9 +59,6 @@ POLISH_ITERATIONS = (15, 10)
 #: lost to the neighbouring vertebra 28 mm away by 3 % (0.393 vs 0.381) and was tracked there.
 GUARD_SETTINGS = {"guard": True, "search_select": "gc", "search_margin_gc": 0.1, "polish_max_mm": 100.0}
 
-#: Degrees of freedom the ``track_dof`` setting accepts.
-TRACK_DOFS = ("in_plane", "no_depth")
-
 #: Updates without depth after the in-plane one, per tracked frame (``track_dof`` ``no_depth``).
 TRACK_NO_DEPTH_ITERATIONS = 2
 
@@ -84,172 +77,29 @@ PEAK_RANGE_MM = 12.0
 #: true start PPC drifted 12 mm in depth on the benchmark's tuning frames).
 DEPTH_ANCHOR_MM = 3.0
 
-#: Update operators the ``tracker`` setting accepts.
-TRACKERS = ("ppc", "ppc_l", "ppc_l_plus", "ppc_l_hybrid", "ppc_flow_plus")
-
 WAITING_FOR_CT = "waiting_for_ct"
 INITIALISING = "initialising"
 TRACKING = "tracking"
 LOST = "lost"
 
 
-@dataclass
-class PipelineConfig:
-    """What the pipeline registers and how (the node's parameters map onto this).
+def _pipeline_config_class():
+    """:class:`PipelineConfig`, one field per pipeline setting of :data:`reg2d3d_ros.settings.SETTINGS`."""
+    settings = pipeline_settings()
+    cls = make_dataclass("PipelineConfig", [(x.name, type(x.default), field(default=x.default)) for x in settings])
+    cls.__module__ = __name__
+    lines = ["What the pipeline registers and how: one field per pipeline setting of",
+             ":data:`reg2d3d_ros.settings.SETTINGS` (the node's parameters of the same names), with its default.",
+             "", "Attributes", "----------"]
+    for x in settings:
+        allowed = f" One of {', '.join(x.choices)}." if x.choices else (f" In [{x.range[0]}, {x.range[1]}]." if x.range else "")
+        lines += [f"{x.name} : {type(x.default).__name__}", f"    {x.description[0].upper()}{x.description[1:]}"
+                  f"{f' ({x.unit})' if x.unit else ''}.{allowed} Default {x.default!r}."]
+    cls.__doc__ = "\n".join(lines)
+    return cls
 
-    Attributes
-    ----------
-    ct_path, labels_path, label_table_path : str
-        CT (file or DICOM folder), its label map and the label names CSV ('' for none).
-    label_set : str
-        Built-in label names used without a label table (:func:`reg2d3d_ros.volume.load_ct`):
-        ``auto``, ``totalseg_v2`` or ``totalseg_v1``.
-    resample_labels : bool
-        Resample a label map on another grid onto the CT's (said in the log) instead of refusing it.
-    target : str
-        Structure to register (label name such as ``T8``, or an id).
-    intensity : str
-        ``attenuation`` or ``transmission`` (what the frames' pixel values mean).
-    tracker : str
-        Update operator of registration and tracking (:data:`TRACKERS`): ``ppc`` (classic:
-        NGC weights, MCCR), ``ppc_l`` (PPC-L's learned correspondence weights at every level,
-        tracking included; needs a network per level), ``ppc_l_plus`` (learned at the coarse
-        levels of a registration, classic at full resolution and for tracking), ``ppc_l_hybrid``
-        (as ``ppc_l_plus`` with the learned weights inside the classic update: MCCR, anchor,
-        trust region) or ``ppc_flow_plus`` (the PPC Flow
-        Attention operator at the coarsest level of a registration, classic above it and for
-        tracking). The PPC-L ones need ``ppcl.pt`` in ``models_dir``
-        (:mod:`reg2d3d_ros.train_ppcl`), the flow one ``ppcflow.pt`` (:mod:`reg2d3d_ros.train_ppcflow`).
-    lost_inlier_fraction : float
-        A registration whose inlier fraction is below this is judged lost.
-    lost_relative_fraction : float
-        A registration whose inlier fraction falls below this fraction of the recent level (the
-        median over the last ten accepted frames, once there are three) is judged lost: a sudden
-        motion beyond the tracker's search range, or an occlusion, shows as such a drop while the
-        absolute level varies with the vertebra and view. The level survives a loss, so a
-        re-initialisation that lands on a worse optimum (e.g. a neighbouring vertebra) is
-        rejected too; a new initial pose or a reset clears it.
-    accept_inlier_fraction : float
-        A (re-)initialisation (a full PPC registration, not a tracking update) whose inlier
-        fraction is below this publishes nothing (``initialisation rejected``): a wrong optimum
-        (a neighbouring vertebra, a hidden contour) usually fits fewer correspondences than the
-        right one, and an unpublished frame is safer than a wrong pose. 0 disables it.
-    accept_gradient_correlation : float
-        Likewise for the gradient correlation of the moving image with the frame at the
-        registered pose (:func:`reg2d3d_ros.ppc.search.pose_gradient_correlation`, half
-        resolution): a check on the whole projected structure rather than on the correspondences
-        the registration optimised. 0 disables it. The default 0.3 was chosen on the tuning
-        cases with the ``roi`` moving image (it kept 92 of 93 right registrations at 256 and 512
-        pixels and rejected 45 of 57 wrong ones); the inlier fraction was not used
-        by default because its level depends on the frame size.
-    min_correspondences : int
-        A registration with fewer contour correspondences is judged lost; lowered (to 30 % of
-        them, at least 12) where the target shows fewer contour points at the pose
-        (:func:`reg2d3d_ros.ppc.surface.min_correspondences_at`).
-    models_dir : str
-        Folder of model files ('' for none); every model file in it is checked at load time.
-    backend, device : str
-        Inference back-end (``auto``, ``tensorrt``, ``onnxruntime``, ``pytorch``) and device
-        (``auto``, ``cpu``, ``cuda``) for the learned components (:mod:`reg2d3d_ros.engines`).
-    recover : str
-        Recovery stage (:data:`INTENSITY_STAGES`): when tracking was lost and SCR-PnP is
-        rejected or unavailable, intensity-based registration (:mod:`reg2d3d_ros.intensity`,
-        this similarity, gradient ascent then CMA-ES) from the last good pose before the PPC
-        registration; ``off``: PPC from the last good pose directly.
-    refine : str
-        Refinement stage (:data:`INTENSITY_STAGES`): intensity-based registration (gradient
-        ascent then CMA-ES) of every initial pose (SCR-PnP or the initial-pose input) before
-        the PPC registration.
-    intensity_budget_s : float
-        Wall-time budget of the CMA-ES part of each recovery/refinement, seconds (the gradient
-        part is bounded by its iteration counts).
-    moving_image : str
-        What PPC's moving image shows (:meth:`~reg2d3d_ros.ppc.PPCRegistrator.from_ct`):
-        ``target`` (the target's bone only), ``roi`` (all bone of the crop around it, neighbours
-        included) or ``auto``: ``roi`` for the classic tracker (more successes, and what the
-        in-plane search and ``accept_gradient_correlation`` were chosen with:
-        reports/ppc_search/report.md), ``target`` for the learned ones (they were trained with it).
-    search_range_mm : float
-        Global in-plane search of every PPC registration (initialisation, re-initialisation;
-        not the per-frame tracking update): image-plane shifts up to this many mm at the
-        target's depth and rotations about the principal ray are scored by gradient correlation,
-        and PPC runs from the start and the best candidates (:mod:`reg2d3d_ros.ppc.search`).
-        0 disables it.
-    polish : bool
-        Polish every PPC registration (initialisation, re-initialisation; not the tracking
-        update) by gradient ascent on the gradient correlation of the moving image with the
-        frame, all six degrees of freedom (``PPCConfig.polish_levels``): more precise than
-        PPC's sparse contour correspondences near the optimum (reports/ppc_polish/report.md),
-        about 2-3 s more per registration on 2 CPU cores. The acceptance checks look at the
-        PPC pose before the polish, so the polish cannot make a wrong pose pass them.
-    track_dof : str
-        Degrees of freedom of the per-frame tracking update: ``in_plane`` (one update of the
-        rotation about the principal ray and the image-plane translation) or ``no_depth`` (that
-        update, then one of all but depth: out-of-plane rotations follow a C-arm sweep or a
-        patient's roll).
-    motion_prediction : float
-        Tracking starts each frame from the previous pose moved on by this fraction of the
-        last frame-to-frame motion (constant-velocity prediction, damped; 0: from the previous
-        pose). Only between two consecutive tracked frames.
-    max_peak_offset_mm : float
-        Every registration (initialisation and tracking) is checked against nearby in-plane
-        shifts of itself (:func:`reg2d3d_ros.ppc.search.peak_check`): when the moving image's
-        gradient correlation with the frame peaks more than this far (mm at the target's depth)
-        from the pose, the pose is wrong in the image plane and nothing is published (lost, or
-        initialisation rejected). A distance, not a level: it does not change with contrast,
-        dose or display. 0 disables it.
-    peak_correction : bool
-        When the peak check finds the frame matching the target best beside a tracked pose
-        (within ``max_peak_offset_mm``, at least :data:`PEAK_CORRECTION_MIN_MM` away), move the
-        pose there (image-plane translation, sub-pixel): the whole-image correlation corrects
-        the slow drift of the sparse contour updates.
-    track_guard : bool
-        Keep the previous pose when the tracked (and peak-corrected) pose correlates less with
-        the frame than the previous pose does: without motion the updates otherwise follow the
-        noise (a static low-dose view walked 3 mm away in three frames).
-    lost_relative_gc : float
-        A registration whose gradient correlation at the pose falls below this fraction of
-        its recent level (median of the last ten accepted frames, once there are three) is
-        judged lost; like ``lost_relative_fraction``, a per-sequence baseline rather than an
-        absolute level. 0 disables it.
-    guard : bool
-        Guard every PPC registration's updates by the gradient correlation of the moving image
-        with the frame (``PPCConfig.guard``; :data:`GUARD_SETTINGS`): an update that lowers it is
-        halved, reduced to its in-plane part or rejected, so PPC no longer walks away from a good
-        start along weakly observed directions (depth, out-of-plane rotation). About three times
-        the PPC's time per registration (reports/ppc_guard/report.md). The tracking update is
-        not guarded (its 50 ms budget).
-    """
 
-    ct_path: str = ""
-    labels_path: str = ""
-    label_table_path: str = ""
-    label_set: str = "auto"
-    resample_labels: bool = False
-    target: str = "T8"
-    intensity: str = "attenuation"
-    tracker: str = "ppc"
-    lost_inlier_fraction: float = 0.3
-    lost_relative_fraction: float = 0.7
-    min_correspondences: int = 30
-    accept_inlier_fraction: float = 0.0
-    accept_gradient_correlation: float = 0.1
-    models_dir: str = ""
-    backend: str = "auto"
-    device: str = "auto"
-    recover: str = "off"
-    refine: str = "off"
-    intensity_budget_s: float = 2.0
-    moving_image: str = "auto"
-    search_range_mm: float = 15.0
-    polish: bool = True
-    guard: bool = True
-    track_dof: str = "no_depth"
-    motion_prediction: float = 0.7
-    max_peak_offset_mm: float = 3.0
-    peak_correction: bool = True
-    track_guard: bool = True
-    lost_relative_gc: float = 0.6
+PipelineConfig = _pipeline_config_class()
 
 
 @dataclass
@@ -275,6 +125,12 @@ class FrameResult:
     T_registered : torch.Tensor or None
         ``(4, 4)`` float64 pose (mm) the registration reached, published or not (for
         evaluations of the acceptance checks; None when no registration ran).
+    reason : str
+        Why nothing was published, as a code (:data:`REASONS`; '' when a pose was published):
+        the node maps it to its log level and diagnostics without reading ``error``.
+    mode : str
+        What ran: ``track``, ``initialise (<source>)`` with source ``initial_pose``, ``scr``,
+        ``last_good`` (and ``+refine`` / ``+recover``), or '' when no registration ran.
     """
 
     T_optical_from_ct: torch.Tensor | None
@@ -286,42 +142,21 @@ class FrameResult:
     image: np.ndarray | None = None
     intrinsics: CArmIntrinsics | None = None
     T_registered: torch.Tensor | None = None
+    reason: str = ""
+    mode: str = ""
+
+
+#: Codes of :attr:`FrameResult.reason`: the CT is not loaded; the frame cannot be used (encoding,
+#: size, no camera info); no initial pose and no SCR model; SCR-PnP's pose was rejected; the
+#: registration failed with an error; tracking was judged lost; a (re-)initialisation was rejected.
+REASONS = ("no_ct", "bad_frame", "no_initial_pose", "scr_rejected", "registration_error", "lost", "rejected")
 
 
 class RegistrationPipeline:
     """Frame-by-frame registration of X-ray frames to one structure of a CT."""
 
     def __init__(self, config: PipelineConfig):
-        if config.intensity not in ("attenuation", "transmission"):
-            raise ConfigError(f"intensity must be 'attenuation' or 'transmission', got {config.intensity!r}")
-        if config.tracker not in TRACKERS:
-            raise ConfigError(f"tracker {config.tracker!r} is not available (available: {', '.join(TRACKERS)})")
-        from .engines import BACKENDS, DEVICES
-
-        if config.backend not in BACKENDS:
-            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {config.backend!r}")
-        if config.device not in DEVICES:
-            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {config.device!r}")
-        for name in ("recover", "refine"):
-            if getattr(config, name) not in INTENSITY_STAGES:
-                raise ConfigError(f"{name} must be one of {', '.join(INTENSITY_STAGES)}, got {getattr(config, name)!r}")
-        if not config.intensity_budget_s >= 0:
-            raise ConfigError(f"intensity_budget_s must be >= 0, got {config.intensity_budget_s}")
-        if not 0.0 <= config.search_range_mm <= 100.0:
-            raise ConfigError(f"search_range_mm must be in [0, 100] mm, got {config.search_range_mm}")
-        if config.moving_image not in ("auto", "target", "roi"):
-            raise ConfigError(f"moving_image must be auto, target or roi, got {config.moving_image!r}")
-        if not 0.0 <= config.accept_inlier_fraction <= 1.0:
-            raise ConfigError(f"accept_inlier_fraction must be in [0, 1], got {config.accept_inlier_fraction}")
-        if config.track_dof not in TRACK_DOFS:
-            raise ConfigError(f"track_dof must be one of {', '.join(TRACK_DOFS)}, got {config.track_dof!r}")
-        for name in ("motion_prediction", "lost_relative_gc"):
-            if not 0.0 <= getattr(config, name) <= 1.0:
-                raise ConfigError(f"{name} must be in [0, 1], got {getattr(config, name)}")
-        if not 0.0 <= config.max_peak_offset_mm <= 50.0:
-            raise ConfigError(f"max_peak_offset_mm must be in [0, 50] mm, got {config.max_peak_offset_mm}")
-        if not 0.0 <= config.accept_gradient_correlation <= 1.0:
-            raise ConfigError(f"accept_gradient_correlation must be in [0, 1], got {config.accept_gradient_correlation}")
+        validate(asdict(config))  # types, ranges and choices of every setting, all problems in one message
         self.intensity = None  # intensity registrator of the recover/refine stages (set by load when one is on)
         self.config = config
         self.backend = ""
@@ -336,6 +171,7 @@ class RegistrationPipeline:
         self._initial_pose: torch.Tensor | None = None
         self._last_good: torch.Tensor | None = None
         self._previous: torch.Tensor | None = None
+        self._previous_moving: tuple | None = None  # (moving gradient, footprint) the peak check rendered for ``_previous``, and its shift (px)
         self._recent_inliers: list = []  # inlier fractions of the frames accepted since the last initialisation
         self._recent_gc: list = []  # gradient correlations (peak check) of the same frames
         self._before_previous: torch.Tensor | None = None  # the pose before ``_previous`` when both were tracked consecutively
@@ -369,7 +205,7 @@ class RegistrationPipeline:
                        if all(abs(lv - x) > 1e-6 for x in learned.levels)]
             if missing:
                 raise ModelLoadError(f"tracker {cfg.tracker!r} needs PPC-L networks for the levels {sorted(set(missing))}; "
-                                     f"{cfg.models_dir}/ppcl.pt has {list(learned.levels)} (train them with python -m reg2d3d_ros.train_ppcl --levels ...)")
+                                     f"{cfg.models_dir}/ppcl.pt has {list(learned.levels)} (train them with python -m reg2d3d_ros.ppcl.train --levels ...)")
         flow = load_ppcflow(cfg.models_dir, cfg.backend, cfg.device) if cfg.tracker == "ppc_flow_plus" else None
         from .ppc.surface import surface_sampling
 
@@ -420,6 +256,7 @@ class RegistrationPipeline:
         """
         with self._lock:
             self._previous = None
+            self._previous_moving = None
             self._last_good = None
             self._before_previous = None
             self._recent_inliers = []
@@ -451,15 +288,17 @@ class RegistrationPipeline:
         with self._lock:
             state = self.state
         if state == WAITING_FOR_CT or self.registrator is None:
-            return FrameResult(None, state, f"CT not loaded{': ' + self.last_error if self.last_error else ''}", seconds=time.perf_counter() - t0)
+            return FrameResult(None, state, f"CT not loaded{': ' + self.last_error if self.last_error else ''}", seconds=time.perf_counter() - t0,
+                               reason="no_ct")
         try:
             image, intr = self.check_frame(encoding, height, width, step, data, is_bigendian)
         except ImageError as exc:
-            return FrameResult(None, state, str(exc), seconds=time.perf_counter() - t0)
+            return FrameResult(None, state, str(exc), seconds=time.perf_counter() - t0, reason="bad_frame")
 
         with self._lock:
             initial, self._initial_pose = self._initial_pose, None
             previous = self._previous
+            previous_moving = self._previous_moving
             before_previous = self._before_previous
             last_good = self._last_good
         try:
@@ -473,7 +312,8 @@ class RegistrationPipeline:
                     if r.accepted:
                         start, source = r.T_optical_from_ct, "scr"
                     elif last_good is None:
-                        return FrameResult(None, state, r.why, r.confidence, time.perf_counter() - t0, scr_details, image, intr)
+                        return FrameResult(None, state, r.why, r.confidence, time.perf_counter() - t0, scr_details, image, intr,
+                                           reason="scr_rejected", mode="initialise (scr)")
                     else:
                         scr_details["scr_rejected"] = r.why
                 if start is not None and self.config.refine != "off":
@@ -488,16 +328,103 @@ class RegistrationPipeline:
                     msg = "no initial pose: publish one on the initial_pose topic (no SCR model in models_dir: create one with python -m reg2d3d_ros.prepare)"
                     with self._lock:
                         self.state = INITIALISING
-                    return FrameResult(None, INITIALISING, msg, seconds=time.perf_counter() - t0, image=image, intrinsics=intr)
-                result = self.registrator.register(image, intr, start, config=self.register_config)
+                    return FrameResult(None, INITIALISING, msg, seconds=time.perf_counter() - t0, image=image, intrinsics=intr,
+                                       reason="no_initial_pose")
                 mode = f"initialise ({source})"
+                result = None
+                if self.config.search_range_mm > 0 and self.config.local_first and self.register_config is not None:
+                    # the start's own optimum first: when it passes every check it is kept, so a start
+                    # near the truth never loses to a look-alike (a neighbour vertebra) the search finds
+                    local = self.registrator.register(image, intr, start, config=replace(self.register_config, search_range_mm=0.0))
+                    judged = self._judge(local, mode, image, intr)
+                    if not judged["why"]:
+                        result = local
+                        scr_details["search"] = "not needed"
+                    else:
+                        scr_details["search"] = f"local optimum refused ({judged['why'][:80]})"
+                if result is None:
+                    result = self.registrator.register(image, intr, start, config=self.register_config)
+                    judged = None
             else:
                 start = predict_pose(previous, before_previous, self.config.motion_prediction)
                 result = self.registrator.track(image, intr, start, config=self.track_config)
-                mode = "track"
+                mode, judged = "track", None
         except Reg2D3DError as exc:
-            return FrameResult(None, state, str(exc), seconds=time.perf_counter() - t0)
+            return FrameResult(None, state, str(exc), seconds=time.perf_counter() - t0, reason="registration_error")
 
+        cfg = self.config
+        if judged is None:
+            judged = self._judge(result, mode, image, intr)
+        why, peak, score, gc, reference = judged["why"], judged["peak"], judged["score"], judged["gc"], judged["reference"]
+        with self._lock:
+            recent = list(self._recent_inliers)
+            recent_gc = list(self._recent_gc)
+        ok = not why
+        details = {"mode": mode, "iterations": result.iterations, "correspondences": result.n_correspondences, "mean_ngc": result.mean_ngc,
+                   "reference_inlier_fraction": reference, **scr_details}
+        if mode != "track" and getattr(self.register_config, "search_range_mm", 0.0) > 0:
+            details["search_candidate"] = result.candidate  # 0: the start itself won, k: the in-plane search's k-th candidate
+        if gc is not None:
+            details["gradient_correlation"] = round(gc, 4)
+        T_out = result.T_optical_from_ct
+        if peak is not None:
+            details["peak"] = {"gc": round(peak.gc, 4), "peak_gc": round(peak.peak_gc, 4), "offset_mm": round(peak.peak_offset_mm, 2),
+                               "prominence": round(peak.prominence, 3)}
+            if not why and mode == "track" and cfg.peak_correction and math.hypot(*peak.shift_mm) >= PEAK_CORRECTION_MIN_MM:
+                # the frame matches the target best slightly beside the tracked pose: move there (in-plane)
+                from .ppc.search import translate
+
+                T_out = translate(T_out, (peak.shift_mm[0], peak.shift_mm[1], 0.0))
+                details["peak"]["corrected_mm"] = [round(x, 2) for x in peak.shift_mm]
+            if not why and mode == "track" and cfg.track_guard:
+                # the update must not fit the frame worse than the previous pose did (noise walks a still
+                # view away); the previous pose is scored from the moving gradient the last frame's check
+                # rendered for it (no second render). (Comparing with the predicted start instead held
+                # moving views back less but published more drifted poses on the tuning sequences.)
+                from .ppc.search import shifted_gc
+
+                gc_prev = (shifted_gc(score.grad_fixed, previous_moving[0], previous_moving[1])
+                           if previous_moving is not None and previous_moving[0][0].shape == score.grad_fixed.shape else score(previous))
+                if gc_prev > (peak.peak_gc if "corrected_mm" in details["peak"] else peak.gc):
+                    T_out = previous
+                    details["peak"]["kept_previous"] = round(gc_prev, 4)
+        if result.polish:
+            details["polish"] = {"kept": result.polish["kept"], "moved_mm": round(result.polish["moved_mm"], 2),
+                                 "gc_before": round(result.polish["gc_before"], 4), "gc_after": round(result.polish["gc_after"], 4),
+                                 "ms": round(1000 * result.polish["seconds"], 1)}
+        with self._lock:
+            if ok:
+                self.state = TRACKING
+                self._before_previous = self._previous if mode == "track" else None
+                if "kept_previous" not in details.get("peak", {}):
+                    self._previous_moving = None if peak is None or peak.moving is None else \
+                        (peak.moving, peak.shift_px if "corrected_mm" in details["peak"] else (0.0, 0.0))
+                self._previous = T_out
+                self._last_good = T_out
+                self._recent_inliers = (recent + [result.inlier_fraction])[-10:]
+                if peak is not None:
+                    self._recent_gc = (recent_gc + [peak.gc])[-10:]
+            else:
+                self.state = LOST
+                self._previous = None
+                self._previous_moving = None
+                self._before_previous = None
+                if initial is not None and self._initial_pose is None:
+                    self._initial_pose = initial  # a refused initial pose is tried again on the next frame (until a newer one comes)
+            new_state = self.state
+        return FrameResult(T_out if ok else None, new_state, why, result.inlier_fraction, time.perf_counter() - t0,
+                           details, image, intr, T_registered=T_out, mode=mode,
+                           reason="" if ok else ("lost" if mode == "track" else "rejected"))
+
+    def _judge(self, result, mode: str, image, intr: CArmIntrinsics) -> dict:
+        """The checks of a registration (``mode`` ``track`` or ``initialise (...)``) on its frame.
+
+        Returns a dict: ``why`` (empty when the pose may be published, else the reason it may
+        not), ``peak`` (:class:`~reg2d3d_ros.ppc.search.PeakCheck` or None), ``score`` (the
+        frame's :class:`~reg2d3d_ros.ppc.search.GradientCorrelation` or None), ``gc`` (the
+        acceptance gradient correlation of an initialisation or None) and ``reference`` (the
+        recent inlier fraction or None).
+        """
         cfg = self.config
         with self._lock:
             recent = list(self._recent_inliers)
@@ -543,51 +470,7 @@ class RegistrationPipeline:
                 if gc < cfg.accept_gradient_correlation:
                     why = (f"initialisation rejected: gradient correlation {gc:.3f} < accept_gradient_correlation "
                            f"{cfg.accept_gradient_correlation} (wrong optimum?); publish a better initial pose or call ~/reset")
-        ok = not why
-        details = {"mode": mode, "iterations": result.iterations, "correspondences": result.n_correspondences, "mean_ngc": result.mean_ngc,
-                   "reference_inlier_fraction": reference, **scr_details}
-        if mode != "track" and getattr(self.register_config, "search_range_mm", 0.0) > 0:
-            details["search_candidate"] = result.candidate  # 0: the start itself won, k: the in-plane search's k-th candidate
-        if gc is not None:
-            details["gradient_correlation"] = round(gc, 4)
-        T_out = result.T_optical_from_ct
-        if peak is not None:
-            details["peak"] = {"gc": round(peak.gc, 4), "peak_gc": round(peak.peak_gc, 4), "offset_mm": round(peak.peak_offset_mm, 2),
-                               "prominence": round(peak.prominence, 3)}
-            if not why and mode == "track" and cfg.peak_correction and math.hypot(*peak.shift_mm) >= PEAK_CORRECTION_MIN_MM:
-                # the frame matches the target best slightly beside the tracked pose: move there (in-plane)
-                from .ppc.search import translate
-
-                T_out = translate(T_out, (peak.shift_mm[0], peak.shift_mm[1], 0.0))
-                details["peak"]["corrected_mm"] = [round(x, 2) for x in peak.shift_mm]
-            if not why and mode == "track" and cfg.track_guard:
-                # the update must not fit the frame worse than the previous pose did (noise walks a static view away)
-                gc_prev = score(previous)
-                if gc_prev > (peak.peak_gc if "corrected_mm" in details["peak"] else peak.gc):
-                    T_out = previous
-                    details["peak"]["kept_previous"] = round(gc_prev, 4)
-        if result.polish:
-            details["polish"] = {"kept": result.polish["kept"], "moved_mm": round(result.polish["moved_mm"], 2),
-                                 "gc_before": round(result.polish["gc_before"], 4), "gc_after": round(result.polish["gc_after"], 4),
-                                 "ms": round(1000 * result.polish["seconds"], 1)}
-        with self._lock:
-            if ok:
-                self.state = TRACKING
-                self._before_previous = self._previous if mode == "track" else None
-                self._previous = T_out
-                self._last_good = T_out
-                self._recent_inliers = (recent + [result.inlier_fraction])[-10:]
-                if peak is not None:
-                    self._recent_gc = (recent_gc + [peak.gc])[-10:]
-            else:
-                self.state = LOST
-                self._previous = None
-                self._before_previous = None
-                if initial is not None and self._initial_pose is None:
-                    self._initial_pose = initial  # a refused initial pose is tried again on the next frame (until a newer one comes)
-            new_state = self.state
-        return FrameResult(T_out if ok else None, new_state, why, result.inlier_fraction, time.perf_counter() - t0,
-                           details, image, intr, T_registered=T_out)
+        return {"why": why, "peak": peak, "score": score, "gc": gc, "reference": reference}
 
     def _min_correspondences(self, T: torch.Tensor, intr: CArmIntrinsics, mode: str) -> int:
         """``min_correspondences``, lowered where the target shows fewer contour points at this pose (small or coarse targets)."""
@@ -781,11 +664,11 @@ def load_similarity(models_dir: str, device="cpu"):
     from pathlib import Path
 
     from .errors import ModelLoadError
-    from .intensity.learned import LearnedSimilarity
+    from .similarity import LearnedSimilarity
 
     if not models_dir:
         raise ModelLoadError("the 'learned' recover/refine stage needs models_dir with similarity.pt "
-                             "(train it with python -m reg2d3d_ros.train_similarity)")
+                             "(train it with python -m reg2d3d_ros.similarity.train)")
     return LearnedSimilarity.load(Path(models_dir) / "similarity.pt", device=device)
 
 
@@ -800,7 +683,7 @@ def load_ppcl(models_dir: str, backend: str = "auto", device: str = "auto"):
     from pathlib import Path
 
     from .errors import ModelLoadError
-    from .ppc.learned import LearnedWeighting
+    from .ppcl import LearnedWeighting
 
     if not models_dir:
         raise ModelLoadError("the PPC-L trackers (ppc_l, ppc_l_plus, ppc_l_hybrid) need ppcl.pt in models_dir, and models_dir is not set")
@@ -821,7 +704,7 @@ def load_ppcflow(models_dir: str, backend: str = "auto", device: str = "auto"):
     from pathlib import Path
 
     from .errors import ModelLoadError
-    from .ppc.flow import FlowOperator
+    from .ppcflow import FlowOperator
 
     if not models_dir:
         raise ModelLoadError("the ppc_flow_plus tracker needs ppcflow.pt in models_dir, and models_dir is not set")

@@ -76,7 +76,7 @@ def node_parameter_overrides(items) -> dict:
         Not ``NAME=VALUE``, an unknown parameter, one the trial sets itself, or a wrong value
         (the node's message: the parameter, its unit and range).
     """
-    from .registration_node import _SPECS, check_parameter
+    from .ros.node import _SPECS, check_parameter
 
     own = {"ct_path", "labels_path", "label_table_path", "label_set", "resample_labels", "target", "intensity", "models_dir"}
     out = {}

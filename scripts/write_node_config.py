@@ -5,9 +5,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from reg2d3d_ros.registration_node import PARAMETERS  # noqa: E402
+from reg2d3d_ros.ros.node import PARAMETERS  # noqa: E402
 
-lines = ["# Defaults of reg2d3d_ros/registration_node.py (kept equal by test/test_node_files.py;",
+lines = ["# Defaults of reg2d3d_ros/ros/node.py (kept equal by test/test_node_files.py;",
          "# regenerate with scripts/write_node_config.py).",
          "# Use with: --ros-args --params-file config/registration.yaml -p ct_path:=... -p labels_path:=...",
          "/**:", "  ros__parameters:"]

@@ -96,9 +96,23 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def committed_networks():
+    from reg2d3d_ros import ppcflow, ppcl, scr  # noqa: F401  (importing a method registers the format of its model files)
     from reg2d3d_ros.engines import model_files, networks_of
 
     return [(f, n) for f in model_files(REPO / "models") for n in networks_of(f)]
+
+
+def test_each_method_registers_its_model_format(tmp_path):
+    """``engines`` knows no method: importing a method registers the format of its model files; a
+    ``.pt`` of a format nobody registered is not a model file of this project."""
+    from reg2d3d_ros import ppcflow, ppcl, scr
+    from reg2d3d_ros.engines import networks_of, registered_formats
+
+    assert {scr.model.FORMAT, ppcl.FORMAT, ppcflow.FORMAT} <= set(registered_formats())
+    assert len(committed_networks()) >= 4  # scr, ppcl levels, flow (+ attention): none was skipped as unknown
+    torch.save({"format": "someone_else", "version": 1}, tmp_path / "other.pt")
+    with pytest.raises(ModelLoadError, match="not a model file of reg2d3d_ros"):
+        networks_of(tmp_path / "other.pt")
 
 
 @pytest.mark.parametrize("model_path,name", committed_networks(), ids=lambda x: getattr(x, "name", x))

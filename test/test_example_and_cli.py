@@ -55,9 +55,9 @@ def test_cli_reports_user_errors_without_traceback(tmp_path):
 
 
 def test_training_and_evaluation_commands_report_user_errors(tmp_path):
-    res = run_cli(["reg2d3d_ros.train_ppcl", "--vertebrae", "T5", "--out", str(tmp_path / "m")], tmp_path)
+    res = run_cli(["reg2d3d_ros.ppcl.train", "--vertebrae", "T5", "--out", str(tmp_path / "m")], tmp_path)
     assert res.returncode == 2 and "at least two vertebrae" in res.stderr and "Traceback" not in res.stderr
-    res = run_cli(["reg2d3d_ros.train_ppcflow", "--kinds", "magic", "--out", str(tmp_path / "m")], tmp_path)
+    res = run_cli(["reg2d3d_ros.ppcflow.train", "--kinds", "magic", "--out", str(tmp_path / "m")], tmp_path)
     assert res.returncode == 2 and "unknown kind 'magic'" in res.stderr and "Traceback" not in res.stderr
     res = run_cli(["reg2d3d_ros.eval.run_ppcl", "--model", str(tmp_path / "none.pt"), "--out", str(tmp_path / "r")], tmp_path)
     assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
@@ -145,14 +145,14 @@ def test_bag_tools_report_user_errors(tmp_path):
     from rosbags.rosbag2 import Writer
     from rosbags.typesys import Stores, get_typestore
 
-    res = run_cli(["reg2d3d_ros.replay", str(tmp_path / "no_such_bag")], tmp_path)
+    res = run_cli(["reg2d3d_ros.ros.replay", str(tmp_path / "no_such_bag")], tmp_path)
     assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
     bag = tmp_path / "bag"
     with Writer(bag, version=9) as w:
         w.add_connection("/carm/image", "sensor_msgs/msg/Image", typestore=get_typestore(Stores.ROS2_KILTED))
-    res = run_cli(["reg2d3d_ros.replay", str(bag), "--lockstep", "/my/answer"], tmp_path)
+    res = run_cli(["reg2d3d_ros.ros.replay", str(bag), "--lockstep", "/my/answer"], tmp_path)
     assert res.returncode == 2 and "type of topic /my/answer unknown" in res.stderr and "Traceback" not in res.stderr
-    res = run_cli(["reg2d3d_ros.replay", str(bag), "--lockstep-until-answer"], tmp_path)
+    res = run_cli(["reg2d3d_ros.ros.replay", str(bag), "--lockstep-until-answer"], tmp_path)
     assert res.returncode == 2 and "--lockstep-until-answer needs --lockstep" in res.stderr and "Traceback" not in res.stderr
-    res = run_cli(["reg2d3d_ros.record", str(bag), "--topics", "/registration/pose"], tmp_path)
+    res = run_cli(["reg2d3d_ros.ros.record", str(bag), "--topics", "/registration/pose"], tmp_path)
     assert res.returncode == 2 and "already exists" in res.stderr and "Traceback" not in res.stderr

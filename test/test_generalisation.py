@@ -83,6 +83,26 @@ def test_peak_check_flags_a_pose_10mm_off_under_two_physics(world, physics):
         assert wrong.gc < right.gc
 
 
+def test_cached_moving_gradient_scores_the_pose_and_its_peak_like_a_fresh_render(world):
+    """The track guard scores the previous pose from the gradient its peak check rendered: same number, no render."""
+    from reg2d3d_ros.pipeline import PEAK_LEVEL
+    from reg2d3d_ros.ppc.search import GradientCorrelation, peak_check, shifted_gc, translate
+
+    T = _view(world)
+    frames, enc, intensity = _frames(world, T[None], "soft_transmission_mono8", seed=6)
+    img = to_attenuation(frames[0].astype(np.float32), intensity)
+    reg, intr = world["pipe"].registrator, world["setup"].intrinsics()
+    score = GradientCorrelation(reg, img, intr, level=PEAK_LEVEL)
+    for shift in ((0.0, 0.0, 0.0), (1.7, -0.9, 0.0), (-4.0, 3.0, 0.0)):
+        T_off = translate(T, shift)
+        pk = peak_check(reg, img, intr, T_off, level=PEAK_LEVEL, grad_fixed=score.grad_fixed)
+        assert shifted_gc(score.grad_fixed, pk.moving) == pytest.approx(score(T_off), abs=1e-6)
+        T_peak = translate(T_off, (pk.shift_mm[0], pk.shift_mm[1], 0.0))
+        assert shifted_gc(score.grad_fixed, pk.moving, pk.shift_px) == pytest.approx(score(T_peak), abs=0.015), shift
+        if shift != (0.0, 0.0, 0.0):  # moving the cached image is not the same as leaving it: the test can fail
+            assert abs(shifted_gc(score.grad_fixed, pk.moving, pk.shift_px) - pk.gc) > 0.01
+
+
 @pytest.mark.parametrize("physics", ["nominal", "soft_transmission_mono8"])
 def test_a_wrong_start_10mm_off_never_publishes_a_wrong_pose(world, physics):
     """Without the in-plane search, PPC from a start 10 mm off either finds the truth or publishes nothing."""
@@ -96,6 +116,26 @@ def test_a_wrong_start_10mm_off_never_publishes_a_wrong_pose(world, physics):
         assert float(mrpd(r.T_optical_from_ct, T, world["pts"])) <= 2.0, r.details
     else:
         assert "rejected" in r.error or "lost" in r.error
+
+
+def test_initialisation_keeps_the_starts_own_optimum_and_searches_only_when_it_is_refused(world):
+    """A start near the truth is not handed to the in-plane search (whose look-alikes can win); a start 12 mm off is."""
+    from reg2d3d_ros.eval import mrpd
+    from reg2d3d_ros.ppc.search import translate
+
+    T = _view(world, lao=20.0, cran=5.0)
+    frames, enc, intensity = _frames(world, T[None], "nominal", seed=7)
+    near = _run(world["pipe"], world["setup"], frames, enc, intensity, translate(T, (1.5, -1.0, 0.0)))[0]
+    assert near.T_optical_from_ct is not None, near.error
+    assert near.details["search"] == "not needed" and near.details["search_candidate"] == 0
+    assert near.mode == "initialise (initial_pose)" and near.reason == ""
+    assert float(mrpd(near.T_optical_from_ct, T, world["pts"])) <= 1.0
+    far = _run(world["pipe"], world["setup"], frames, enc, intensity, translate(T, (0.0, 12.0, 0.0)))[0]
+    assert far.details["search"].startswith("local optimum refused"), far.details
+    if far.T_optical_from_ct is not None:  # the search found the truth, or nothing is published
+        assert float(mrpd(far.T_optical_from_ct, T, world["pts"])) <= 2.0
+    else:
+        assert far.reason == "rejected" and far.error.startswith("initialisation rejected")
 
 
 def test_same_pose_from_every_encoding_gain_offset_and_display(world):

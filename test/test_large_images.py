@@ -42,7 +42,7 @@ def test_1024_mono16_at_30hz_arrives_complete(tmp_path, qos_name):
         qos = qos_profile_sensor_data if qos_name == "sensor" else QoSProfile(depth=100)
         got = g.subscribe(Image, "/carm/image", qos)
         res = run_tool(
-            [sys.executable, "-m", "reg2d3d_ros.replay", str(bag), "--topics", "/carm/image", "--qos", qos_name, "--wait-subscribers", "1"],
+            [sys.executable, "-m", "reg2d3d_ros.ros.replay", str(bag), "--topics", "/carm/image", "--qos", qos_name, "--wait-subscribers", "1"],
             env, timeout=120,
         )
         assert res.returncode == 0, res.stderr

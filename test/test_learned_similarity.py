@@ -11,15 +11,15 @@ import torch
 
 from reg2d3d_ros.errors import ConfigError, ModelLoadError
 from reg2d3d_ros.intensity import IN_PLANE_DOF, IntensityConfig, IntensityRegistrator, perturb_about
-from reg2d3d_ros.intensity.learned import (
+from reg2d3d_ros.eval.starts import seed_like_perturbations
+from reg2d3d_ros.similarity import LearnedSimilarity
+from reg2d3d_ros.similarity.train import (
     IN_PLANE,
     ROT_RADIUS_MM,
-    LearnedSimilarity,
     SimilarityTrainConfig,
     decomposition_loss,
     gradient_angle,
     losses,
-    seed_like_perturbations,
     similarity_samples,
     train_similarity,
 )
@@ -263,7 +263,7 @@ def test_pipeline_learned_stage_needs_its_model(tmp_path):
 
 DDP_SCRIPT = '''
 import os, torch
-from reg2d3d_ros.intensity.learned import SimilarityTrainConfig, train_similarity
+from reg2d3d_ros.similarity.train import SimilarityTrainConfig, train_similarity
 g = torch.Generator().manual_seed(0)
 def mk(n):
     return {"fixed": torch.rand(32, 32, generator=g), "moving": torch.rand(n, 32, 32, generator=g),
@@ -298,7 +298,7 @@ def test_training_under_torchrun_keeps_the_ranks_in_step(tmp_path):
 
 
 def test_training_command_user_errors(tmp_path, capsys):
-    from reg2d3d_ros.train_similarity import main
+    from reg2d3d_ros.similarity.train import main
 
     assert main(["--vertebrae", "T3", "--out", str(tmp_path)]) == 2  # the last vertebra validates: two needed
     assert main(["--ct", str(tmp_path / "missing.nii.gz"), "--labels", str(tmp_path / "l.nii.gz"), "--out", str(tmp_path)]) == 2
@@ -314,7 +314,7 @@ def test_committed_model_points_towards_the_truth_better_than_gc_and_ncc(t8):
     from pathlib import Path
 
     from reg2d3d_ros.intensity import gradient_correlation, ncc
-    from reg2d3d_ros.intensity.learned import baseline_angles
+    from reg2d3d_ros.similarity.train import baseline_angles
 
     reg, case = t8
     model = LearnedSimilarity.load(Path(__file__).resolve().parents[1] / "models" / "similarity" / "similarity.pt")

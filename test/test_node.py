@@ -217,7 +217,7 @@ def test_replay_tool_feeds_the_node_and_recorder_writes_outputs(sim_bag, node_fa
     n.g.wait_for(lambda: len(n.poses) == 1, 30.0, "initialisation")
     rec_bag = tmp_path / "outputs"
     before = len(n.poses)  # published before the recorder existed
-    rec = subprocess.Popen([sys.executable, "-m", "reg2d3d_ros.record", str(rec_bag), "--topics", "/registration/pose", "/tf", "--duration", "120"],
+    rec = subprocess.Popen([sys.executable, "-m", "reg2d3d_ros.ros.record", str(rec_bag), "--topics", "/registration/pose", "/tf", "--duration", "120"],
                            env=n.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rec_lines = []
     reader = threading.Thread(target=lambda: rec_lines.extend(iter(rec.stdout.readline, "")), daemon=True)
@@ -228,7 +228,7 @@ def test_replay_tool_feeds_the_node_and_recorder_writes_outputs(sim_bag, node_fa
     assert rec.poll() is None, "".join(rec_lines)
     time.sleep(0.5)  # the publishers' side of the match
     # replay at a fifth of real time (a frame every 0.33 s): the tracker keeps up with it
-    res = run_tool([sys.executable, "-m", "reg2d3d_ros.replay", str(sim_bag["path"]), "--rate", "0.2", "--qos", "sensor",
+    res = run_tool([sys.executable, "-m", "reg2d3d_ros.ros.replay", str(sim_bag["path"]), "--rate", "0.2", "--qos", "sensor",
                     "--exclude", "/carm/ground_truth_pose", "--wait-subscribers", "1"], n.env, timeout=120)
     assert res.returncode == 0, res.stderr
     assert f"replayed {3 * N_FRAMES - N_FRAMES} messages" in res.stdout
@@ -507,7 +507,7 @@ def test_scr_initialises_without_initial_pose_and_hands_over_to_tracking(t8_bag,
 # -- issue 19: parameters, label names and grids, lock-step replay ----------------------------------
 def node_command(params: dict) -> list:
     """The node's command line with parameters (as :func:`start_node` builds it)."""
-    args = [sys.executable, "-m", "reg2d3d_ros.registration_node", "--ros-args"]
+    args = [sys.executable, "-m", "reg2d3d_ros.ros.node", "--ros-args"]
     for k, v in params.items():
         args += ["-p", f"{k}:={v}"]
     return args
@@ -643,7 +643,7 @@ def test_lockstep_replay_stops_when_the_node_plainly_does_not_answer(node_factor
     n.g.wait_for(lambda: last_diagnostics(n.diag).get("state") == "waiting_for_ct", 30.0, "diagnostics")
     bag = _tiny_image_bag(tmp_path / "frames", 10)
     t0 = time.monotonic()
-    res = run_tool([sys.executable, "-m", "reg2d3d_ros.replay", str(bag), "--rate", "0", "--lockstep", "/registration/pose"], n.env, timeout=120)
+    res = run_tool([sys.executable, "-m", "reg2d3d_ros.ros.replay", str(bag), "--rate", "0", "--lockstep", "/registration/pose"], n.env, timeout=120)
     took = time.monotonic() - t0
     assert res.returncode == 2, res.stdout + res.stderr
     assert "Traceback" not in res.stderr

@@ -39,7 +39,7 @@ def test_launch_file_imports_only_launch_and_names_real_executables():
 
 
 def test_config_mirrors_the_node_defaults():
-    from reg2d3d_ros.registration_node import PARAMETERS
+    from reg2d3d_ros.ros.node import PARAMETERS
 
     doc = yaml.safe_load((REPO / "config" / "registration.yaml").read_text())
     params = doc["/**"]["ros__parameters"]
@@ -60,7 +60,7 @@ def test_package_xml_and_setup_agree():
 
 
 def test_every_parameter_has_a_descriptor_with_description():
-    from reg2d3d_ros.registration_node import PARAMETERS, _descriptor
+    from reg2d3d_ros.ros.node import PARAMETERS, _descriptor
 
     for name, default, desc, unit, rng, ro in PARAMETERS:
         d = _descriptor(name, default, desc, unit, rng, ro)

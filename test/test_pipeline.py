@@ -39,7 +39,7 @@ def test_configuration_and_load_errors(tmp_path):
         RegistrationPipeline(PipelineConfig(intensity="bright"))
     with pytest.raises(ConfigError):
         RegistrationPipeline(PipelineConfig(tracker="magic"))
-    with pytest.raises(ConfigError, match="search_range_mm must be in"):
+    with pytest.raises(ConfigError, match="search_range_mm must be a number in"):
         RegistrationPipeline(PipelineConfig(search_range_mm=-5.0))
     from reg2d3d_ros.pipeline import ppc_configs
 
@@ -116,7 +116,7 @@ def test_flow_tracker_runs_its_operator_in_the_pipeline(setting, tmp_path):
 
     from reg2d3d_ros.nets import CorrespondenceWeightNet
     from reg2d3d_ros.nets.flownet import FlowNetC
-    from reg2d3d_ros.ppc.flow import N_FEATURES, FlowOperator
+    from reg2d3d_ros.ppcflow import N_FEATURES, FlowOperator
 
     torch.manual_seed(0)
     FlowOperator(FlowNetC(8, 2), CorrespondenceWeightNet(N_FEATURES),
@@ -315,7 +315,7 @@ def test_initialisations_below_the_acceptance_thresholds_publish_nothing(setting
     img = (np.random.default_rng(0).random((8, 8)) * 1000).astype(np.uint16)
     f = encode_image(img, "mono16")
     args = (f["encoding"], f["height"], f["width"], f["step"], f["data"])
-    with pytest.raises(ConfigError, match="accept_inlier_fraction must be in"):
+    with pytest.raises(ConfigError, match="accept_inlier_fraction must be a number in"):
         RegistrationPipeline(PipelineConfig(accept_inlier_fraction=1.5))
     # the acceptance test applies to registrations only; tracking keeps its own lost logic
     fake = FakeRegistrator([0.45, 0.55, 0.40, 0.38])

@@ -9,7 +9,8 @@ import torch
 from reg2d3d_ros.errors import ConfigError, ModelLoadError
 from reg2d3d_ros.nets import CorrespondenceWeightNet
 from reg2d3d_ros.nets.flownet import FlowNetC, correlation, sample_flow
-from reg2d3d_ros.ppc.flow import N_FEATURES, FlowOperator, FlowTrainConfig, forward_update, train_flow
+from reg2d3d_ros.ppcflow import N_FEATURES, FlowOperator
+from reg2d3d_ros.ppcflow.train import FlowTrainConfig, forward_update, train_flow
 
 REPO = Path(__file__).resolve().parents[1]
 

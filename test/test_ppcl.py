@@ -11,7 +11,8 @@ from reg2d3d_ros.errors import ConfigError, ModelLoadError
 from reg2d3d_ros.geometry import transform_points
 from reg2d3d_ros.nets import CorrespondenceWeightNet, modified_softsign
 from reg2d3d_ros.ppc import PPCConfig, motion_about
-from reg2d3d_ros.ppc.learned import N_FEATURES, LearnedWeighting, PPCLTrainConfig, Sample, train_level, update_and_error
+from reg2d3d_ros.ppcl import N_FEATURES, LearnedWeighting
+from reg2d3d_ros.ppcl.train import PPCLTrainConfig, Sample, train_level, update_and_error
 
 K = torch.tensor([[850.0, 0.0, 128.0], [0.0, 850.0, 128.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
 REPO = Path(__file__).resolve().parents[1]

@@ -2,7 +2,8 @@
 
 The learned components (SCR initialiser, PPC-L weights, PPC Flow network and attention) run
 through :func:`load` (:mod:`.runtime`: one interface, three back-ends, fall-backs, ONNX export,
-TensorRT engine cache). This module also answers which back-end and device a configuration
+TensorRT engine cache); each method registers the format of its model files
+(:func:`register_format`), so this package depends on no method. This module also answers which back-end and device a configuration
 means and checks model files *before* anything depends on them, so that a corrupt or
 incompatible file is one clear :class:`~reg2d3d_ros.errors.ModelLoadError` at start-up instead of
 a traceback mid-operation.
@@ -24,11 +25,12 @@ from pathlib import Path
 
 from ..errors import ConfigError, ModelLoadError
 from .runtime import (BACKENDS, OPSET, Engine, NetworkSpec, cache_dir, candidates, export_network, file_sha256, load, model_files,
-                      networks_of, onnx_path_for, trt_cache_key)
+                      networks_of, onnx_path_for, point_network_spec, register_format, registered_formats, trt_cache_key)
 
 __all__ = ["BACKENDS", "DEVICES", "MODEL_SUFFIXES", "OPSET", "Engine", "NetworkSpec", "available_backends", "cache_dir", "candidates",
            "check_model_file", "check_models_dir", "cuda_available", "export_network", "file_sha256", "load", "model_files", "networks_of",
-           "onnx_path_for", "read_model_blob", "resolve_backend", "resolve_device", "trt_cache_key"]
+           "onnx_path_for", "point_network_spec", "read_model_blob", "register_format", "registered_formats", "resolve_backend", "resolve_device",
+           "trt_cache_key"]
 
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_SUFFIXES = (".onnx", ".pt", ".pth", ".engine", ".plan")

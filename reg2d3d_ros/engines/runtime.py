@@ -5,7 +5,10 @@ Networks
 A model file of this project (``scr.pt``, ``ppcl.pt``, ``ppcflow.pt``; recognised by its
 ``format`` entry, not its name) holds one or more networks; :func:`networks_of` lists them as
 :class:`NetworkSpec` (a PyTorch module, its named inputs with example shapes, which axes may
-vary, its outputs):
+vary, its outputs). This module knows no method: each method's model module registers its file
+format when it is imported (:func:`register_format`: :mod:`reg2d3d_ros.scr.model`,
+:mod:`reg2d3d_ros.ppcl.model`, :mod:`reg2d3d_ros.ppcflow.model`), so whoever reads a model file
+has imported its method (a file of a method that was not imported is an unknown format):
 
 ============  =======================================  =============================================
 file          network names                            inputs (batch first)
@@ -115,14 +118,32 @@ class _Masked(torch.nn.Module):
         return self.net(features, mask)
 
 
-def _point_spec(name: str, net, n_features: int) -> NetworkSpec:
+def point_network_spec(name: str, net, n_features: int) -> NetworkSpec:
+    """:class:`NetworkSpec` of a point network ``net(features (B, N, F), mask (B, N)) -> weights (B, N)`` (``N`` varies)."""
     return NetworkSpec(name, _Masked(net).eval(), {"features": (1, 512, n_features), "mask": (1, 512)},
                        {"features": "float32", "mask": "bool"}, ("weights",),
                        {"features": {0: "batch", 1: "points"}, "mask": {0: "batch", 1: "points"}}, points_axis=True)
 
 
+#: ``{format: networks function}`` of the registered model file formats (:func:`register_format`).
+_FORMATS: dict = {}
+
+
+def register_format(fmt: str, networks) -> None:
+    """Make a model file format known: ``networks(path) -> {name: NetworkSpec}`` reads a file whose ``format`` entry is ``fmt``.
+
+    Called by each method's model module when it is imported (the same format again replaces the reader).
+    """
+    _FORMATS[fmt] = networks
+
+
+def registered_formats() -> tuple:
+    """The model file formats registered so far, sorted."""
+    return tuple(sorted(_FORMATS))
+
+
 def networks_of(model_path) -> dict:
-    """``{name: NetworkSpec}`` of one of this project's model files.
+    """``{name: NetworkSpec}`` of one of this project's model files (a format registered by its method, :func:`register_format`).
 
     Raises
     ------
@@ -136,30 +157,14 @@ def networks_of(model_path) -> dict:
         fmt = torch.load(p, map_location="cpu", weights_only=True).get("format")
     except Exception as exc:
         raise ModelLoadError(f"model file {str(p)!r} cannot be read ({type(exc).__name__}); re-create or re-download it") from None
-    from ..ppc import flow as ppcflow
-    from ..ppc import learned
-    from ..scr import model as scr
-
-    if fmt == scr.FORMAT:
-        m = scr.SCRInitializer.load(p)
-        s = m.size
-        return {"scr": NetworkSpec("scr", m.net.eval(), {"image": (1, 1, s, s)}, {"image": "float32"}, ("scene",))}
-    if fmt == learned.FORMAT:
-        lw = learned.LearnedWeighting.load(p)
-        return {f"level_{k:g}": _point_spec(f"level_{k:g}", lw.nets[k], learned.N_FEATURES) for k in lw.levels}
-    if fmt == ppcflow.FORMAT:
-        op = ppcflow.FlowOperator.load(p)
-        hw = (1, 2, 128, 128)
-        out = {"flow": NetworkSpec("flow", op.flow_net.eval(), {"fixed": hw, "moving": hw}, {"fixed": "float32", "moving": "float32"}, ("flow",),
-                                   {"fixed": {0: "batch", 2: "height", 3: "width"}, "moving": {0: "batch", 2: "height", 3: "width"}})}
-        if op.attention_net is not None:
-            out["attention"] = _point_spec("attention", op.attention_net, ppcflow.N_FEATURES)
-        return out
-    raise ModelLoadError(f"{p} is not a model file of reg2d3d_ros (format {fmt!r})")
+    networks = _FORMATS.get(fmt) if isinstance(fmt, str) else None
+    if networks is None:
+        raise ModelLoadError(f"{p} is not a model file of reg2d3d_ros (format {fmt!r})")
+    return networks(p)
 
 
 def model_files(models_dir) -> list:
-    """This project's model files (``*.pt`` with a known ``format``) under a folder, sorted."""
+    """This project's model files (``*.pt`` with a registered ``format``) under a folder, sorted."""
     out = []
     for f in sorted(Path(models_dir).rglob("*.pt")):
         try:
@@ -251,8 +256,24 @@ def current_onnx(model_path, spec: NetworkSpec, n_networks: int, notes: list) ->
     return cached
 
 
+class Note(str):
+    """A note of an engine's set-up (:attr:`Engine.notes`): the text, with its logging ``level``.
+
+    A fall-back or a back-end other than the one asked for is a warning; an export or a cached
+    build is information. Whoever shows the notes (the node's log) uses ``level`` rather than
+    reading the text.
+    """
+
+    level: int = logging.INFO
+
+    def __new__(cls, text: str, level: int = logging.INFO):
+        note = super().__new__(cls, text)
+        note.level = int(level)
+        return note
+
+
 def _note(notes: list, msg: str, level=logging.WARNING) -> None:
-    notes.append(msg)
+    notes.append(Note(msg, level))
     LOG.log(level, msg)
 
 

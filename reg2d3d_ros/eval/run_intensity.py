@@ -37,7 +37,7 @@ LEARNED_LEVEL = 0.5
 def seed_like_starts(T_gt: torch.Tensor, pts_ct_mm: torch.Tensor, intrinsics, n: int, seed: int, rot_sd_deg: float = 20.0,
                      inplane_sd_mm: float = 30.0, depth_sd_mm: float = 60.0, truncate_sd: float = 2.0) -> torch.Tensor:
     """``(n, 4, 4)`` start poses ``P(xi) @ T_gt`` drawn like the seed (module docstring) about the target points' mean, float64, mm."""
-    from ..intensity.learned import seed_like_perturbations
+    from .starts import seed_like_perturbations
 
     _, T = seed_like_perturbations(T_gt, pts_ct_mm.mean(0), intrinsics, n, np.random.default_rng(seed), rot_sd_deg=rot_sd_deg,
                                    inplane_sd_mm=inplane_sd_mm, depth_sd_mm=depth_sd_mm, truncate_sd=truncate_sd)
@@ -212,7 +212,7 @@ def _run(argv=None) -> int:
     done = {(r["vertebra"], r["view"], r["start"], r["variant"]) for r in rows}
     learned, learned_meta = None, None
     if {"learned", "learned_gc"} & set(variants):
-        from ..intensity.learned import LearnedSimilarity
+        from ..similarity import LearnedSimilarity
 
         learned = LearnedSimilarity.load(args.similarity)
         m = learned.meta

@@ -40,8 +40,8 @@ from ..errors import run_cli
 def evaluate_registration(ct, cases, configs: dict, progress: bool = True, learned=None, flow=None, moving: str = "target") -> dict:
     """Run every configuration on every start of every case; returns per-method raw results.
 
-    ``learned`` (a :class:`~reg2d3d_ros.ppc.learned.LearnedWeighting`) serves configurations with
-    ``learned_levels``, ``flow`` (a :class:`~reg2d3d_ros.ppc.flow.FlowOperator`) those with ``flow_levels``.
+    ``learned`` (a :class:`~reg2d3d_ros.ppcl.LearnedWeighting`) serves configurations with
+    ``learned_levels``, ``flow`` (a :class:`~reg2d3d_ros.ppcflow.FlowOperator`) those with ``flow_levels``.
     """
     from ..ppc import PPCRegistrator
     from .metrics import mrpd

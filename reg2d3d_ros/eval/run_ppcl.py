@@ -2,7 +2,7 @@
 
 Same held-out test cases as :mod:`.run_ppc` (vertebrae T6, T8, T10, T12, AP and lateral, the
 same seeds, so the same frames and start poses); the PPC-L networks were trained on other
-vertebrae (T3, T4, T5, T7, T9 and T11 for validation, :mod:`reg2d3d_ros.train_ppcl`). Two parts:
+vertebrae (T3, T4, T5, T7, T9 and T11 for validation, :mod:`reg2d3d_ros.ppcl.train`). Two parts:
 
 - **one update** at the coarsest level (the seeds' one-update studies; starts with initial mTRE
   over 0-45 mm): mTRE, mRPD and projection error after a single update of classic PPC (NGC
@@ -109,7 +109,7 @@ def write_report(out: Path, meta: dict, one: dict, reg: dict, training: dict | N
     if training:
         tm = training["meta"]
         lines += [
-            f"Training (`python -m reg2d3d_ros.train_ppcl --quality ...`): {tm['frames_per_view']} frames per vertebra and view, "
+            f"Training (`python -m reg2d3d_ros.ppcl.train --quality ...`): {tm['frames_per_view']} frames per vertebra and view, "
             f"{tm['starts']} starts per frame (initial mTRE 0-{tm['max_mtre_mm']:.0f} mm), {tm['epochs']} epochs per level, objective "
             f"{tm.get('loss', 'pe')}, {tm['seconds_total']} s on CPU. Validation projection error after one update (T11):",
             "",
@@ -201,12 +201,11 @@ def main(argv=None) -> int:
 def _run(args, argv) -> int:
     from ..example import load_example
     from ..ppc import PPCL_CONFIG, PPCL_HYBRID_CONFIG, PPCL_PLUS_CONFIG, PPCConfig
-    from ..ppc.learned import LearnedWeighting
+    from ..ppcflow import FlowOperator
+    from ..ppcl import LearnedWeighting
     from ..sim import CArmSetup
     from .cases import TEST, CaseSet, make_cases
     from .run_ppc import evaluate_registration
-
-    from ..ppc.flow import FlowOperator
 
     learned = LearnedWeighting.load(args.model)
     names = {"flow": "Flow", "ppc_flow": "PPC Flow", "ppc_flow_attention": "PPC Flow Attention"}

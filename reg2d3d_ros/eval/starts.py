@@ -8,9 +8,14 @@ uniform in ``[0, max_rotation_deg]`` (15 degrees by default: an initial guess fr
 angles is centimetres off but rarely more than 10-15 degrees); and a translation in a random
 direction whose length is found by bisection so that the mTRE equals the target error (if the
 rotation alone exceeds the target, the rotation is shrunk instead and there is no translation).
+
+:func:`seed_like_perturbations` draws starts like the learned similarity seed's test protocol (normal
+rotations and translations about the target, kept where the target stays in view).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -106,3 +111,61 @@ def random_starts(
     trans[too_big] = 0.0
     T_start = T_gt @ perturbation_about(torch.cat([rot, trans], dim=-1), c)
     return T_start, mtre(T_start, T_gt, pts)
+
+
+def seed_like_perturbations(T_gt: torch.Tensor, center_ct_mm: torch.Tensor, intrinsics, n: int, rng: np.random.Generator,
+                            rot_sd_deg: float = 20.0, inplane_sd_mm: float = 30.0, depth_sd_mm: float = 60.0, truncate_sd: float = 2.0,
+                            scale=None, fov_fraction: float = 0.8) -> tuple:
+    """Perturbations drawn like the seed's test starts, kept where the target stays in view.
+
+    Rotations ``N(0, rot_sd_deg)`` about each optical axis through the target's centre, in-plane
+    translation ``N(0, inplane_sd_mm)``, depth ``N(0, depth_sd_mm)``, each truncated at
+    ``truncate_sd`` standard deviations, times ``scale`` (a float or a callable ``rng -> float``
+    drawn per pose; default 1); redrawn until the centre projects into the central
+    ``fov_fraction`` of the frame.
+
+    Parameters
+    ----------
+    T_gt : torch.Tensor
+        ``(4, 4)`` true ``T_optical_from_ct``, mm.
+    center_ct_mm : torch.Tensor
+        ``(3,)`` target centre, CT frame, mm.
+    intrinsics : CArmIntrinsics
+        Camera of the frame.
+    n : int
+        Number of perturbations.
+    rng : numpy.random.Generator
+        Random source.
+
+    Returns
+    -------
+    tuple
+        ``xi`` ``(n, 6)`` float64 (rad, mm) and ``T`` ``(n, 4, 4)`` float64 poses ``P(xi) @ T_gt``.
+    """
+    from ..intensity.register import perturb_about
+
+    T_gt = torch.as_tensor(T_gt, dtype=torch.float64)
+    c = torch.as_tensor(center_ct_mm, dtype=torch.float64)
+    c_opt = T_gt[:3, :3] @ c + T_gt[:3, 3]
+    K = intrinsics.K(torch.float64)
+    sd = np.array([math.radians(rot_sd_deg)] * 3 + [inplane_sd_mm, inplane_sd_mm, depth_sd_mm])
+    lo, hi = 0.5 * (1 - fov_fraction), 0.5 * (1 + fov_fraction)
+    xis, Ts = [], []
+    tries = 0
+    while len(xis) < n:
+        tries += 1
+        if tries > 1000 * max(1, n):
+            raise ConfigError("could not draw perturbations that keep the target in the field of view")
+        s = 1.0 if scale is None else (scale(rng) if callable(scale) else float(scale))
+        xi = torch.as_tensor(np.clip(rng.standard_normal(6), -truncate_sd, truncate_sd) * sd * s, dtype=torch.float64)
+        T = perturb_about(xi[None], c_opt[None])[0] @ T_gt
+        p = T[:3, :3] @ c + T[:3, 3]
+        if p[2] <= 0:
+            continue
+        u, v = float(K[0, 0] * p[0] / p[2] + K[0, 2]), float(K[1, 1] * p[1] / p[2] + K[1, 2])
+        if lo * intrinsics.width <= u <= hi * intrinsics.width and lo * intrinsics.height <= v <= hi * intrinsics.height:
+            xis.append(xi)
+            Ts.append(T)
+    if not xis:
+        return torch.zeros(0, 6, dtype=torch.float64), torch.zeros(0, 4, 4, dtype=torch.float64)
+    return torch.stack(xis), torch.stack(Ts)

@@ -1,7 +1,7 @@
 """Intensity-based 2D/3D registration on the differentiable DRR (conventions: :mod:`reg2d3d_ros.geometry`).
 
 The moving image is the DRR of the target structure's region of interest only (its bone,
-tapered at the dilated label, see :func:`reg2d3d_ros.ppc.register.target_attenuation`), so other
+tapered at the dilated label, see :func:`reg2d3d_ros.volume.target_attenuation`), so other
 anatomy in the frame does not pull the optimum. Registration maximises an image similarity
 (:mod:`.metrics`) between that DRR and the X-ray frame in two stages:
 
@@ -54,8 +54,11 @@ from ..drr import DRRRenderer, downsample
 from ..errors import ConfigError, ImageError
 from ..geometry.camera import CArmIntrinsics
 from ..geometry.se3 import make_transform, so3_exp
-from .learned import LEARNED
+from ..volume.target import BONE_FLOOR_HU, structure_region, target_attenuation
 from .metrics import get_metric, multiscale_ncc
+
+#: Name of the learned metric in :class:`IntensityConfig` (the model: :class:`reg2d3d_ros.similarity.LearnedSimilarity`).
+LEARNED = "learned"
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -87,7 +90,7 @@ class IntensityConfig:
     ----------
     metric : str
         Similarity: ``"ncc"``, ``"gc"`` or ``"mncc"`` (see :mod:`.metrics`), or ``"learned"``
-        (the registrator's :attr:`IntensityRegistrator.learned` model, :mod:`.learned`; it sees
+        (the registrator's :attr:`IntensityRegistrator.learned` model, :mod:`reg2d3d_ros.similarity`; it sees
         the whole frame, so ``mask_margin_mm`` does not apply to it).
     mncc_grid : tuple of int
         Patches per side of each scale of ``mncc``.
@@ -278,7 +281,7 @@ class IntensityRegistrator:
     config : IntensityConfig
         Default parameters of :meth:`register`.
     floor_hu : float, optional
-        Bone floor of the moving image (default :data:`reg2d3d_ros.ppc.register.BONE_FLOOR_HU`).
+        Bone floor of the moving image (default :data:`reg2d3d_ros.volume.BONE_FLOOR_HU`).
     drr_step_mm : float, optional
         Ray-casting step; default twice the smallest voxel spacing.
     dtype : torch.dtype
@@ -292,8 +295,6 @@ class IntensityRegistrator:
 
     def __init__(self, roi, region: np.ndarray | None = None, config: IntensityConfig = IntensityConfig(),
                  floor_hu: float | None = None, drr_step_mm: float | None = None, dtype=torch.float64, device=None, learned=None):
-        from ..ppc.register import BONE_FLOOR_HU, target_attenuation
-
         self.config = config
         self.dtype = dtype
         mu = target_attenuation(roi, region, floor_hu=BONE_FLOOR_HU if floor_hu is None else floor_hu)
@@ -306,7 +307,7 @@ class IntensityRegistrator:
         step = 2.0 * float(roi.spacing_mm.min()) if drr_step_mm is None else float(drr_step_mm)
         self.renderer = DRRRenderer(torch.from_numpy(mu).to(device), tight.T_ct_from_ijk, step_mm=step)
         self.device = self.renderer.device
-        #: The learned similarity of ``metric="learned"`` (:class:`.learned.LearnedSimilarity`) or None.
+        #: The learned similarity of ``metric="learned"`` (:class:`reg2d3d_ros.similarity.LearnedSimilarity`) or None.
         self.learned = None if learned is None else learned.to(self.device)
         # attenuation-weighted centroid of the target: the rotation centre of the pose updates
         kji = np.argwhere(mu > 1e-6)
@@ -324,7 +325,6 @@ class IntensityRegistrator:
         bone within the label dilated by ``dilation_mm``. ``kwargs`` go to the constructor
         (``floor_hu``, ``drr_step_mm``, ``dtype``, ``device``).
         """
-        from ..ppc.surface import structure_region
         from ..volume import resolve_label
 
         lid = resolve_label(label, ct.label_names)
@@ -349,7 +349,7 @@ class IntensityRegistrator:
         if cfg.metric == LEARNED:
             if self.learned is None:
                 raise ConfigError("metric 'learned' needs a learned similarity model (none is loaded; "
-                                  "train one with python -m reg2d3d_ros.train_similarity)")
+                                  "train one with python -m reg2d3d_ros.similarity.train)")
             return self.learned
         fn = get_metric(cfg.metric)
         return partial(multiscale_ncc, grid=tuple(cfg.mncc_grid)) if fn is multiscale_ncc else fn

@@ -22,7 +22,7 @@ differences.
   product of their sigmoids (the seed's inner product), in ``(0, 1)``.
 
 The input size ``S`` is fixed by the position embedding (``input_size``, a multiple of 8); callers
-resize (:class:`reg2d3d_ros.intensity.learned.LearnedSimilarity`). Attention is written out with
+resize (:class:`reg2d3d_ros.similarity.LearnedSimilarity`). Attention is written out with
 ``matmul`` and ``softmax`` so that the network is twice differentiable (the training loss is a
 function of the gradient of ``L_net`` with respect to ``I_m``) on every device.
 

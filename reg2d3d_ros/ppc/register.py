@@ -60,33 +60,11 @@ import torch
 from ..drr import DRRRenderer, downsample
 from ..errors import ConfigError
 from ..geometry.camera import CArmIntrinsics
+from ..volume.target import BONE_FLOOR_HU, structure_region, target_attenuation
 from .contours import Contours, select_contours
 from .matching import gradient_image, ngc_search
 from .solver import IN_PLANE, NO_DEPTH, motion_about, solve_ppc, weighted_centroid
-from .surface import SurfacePoints, canny_surface_points, structure_region
-
-
-#: HU above which a voxel counts as bone for the moving image (soft tissue stays below).
-BONE_FLOOR_HU = 150.0
-
-
-def target_attenuation(roi, region: np.ndarray | None = None, floor_hu: float = BONE_FLOOR_HU, taper_mm: float = 2.0) -> np.ndarray:
-    """Attenuation ``(D, H, W)`` float32 (1/mm) of the target's bone only: the moving image.
-
-    ``mu_w * max(HU - floor_hu, 0) / 1000`` keeps bone and drops soft tissue, so the projection
-    shows the target's bone edges and not the edges of the crop box. With a ``region`` (e.g. the
-    dilated vertebra label) the result is multiplied by the region smoothed with a Gaussian of
-    ``taper_mm``, which removes neighbouring bones without creating an artificial edge.
-    """
-    from scipy import ndimage
-
-    from ..volume import MU_WATER_PER_MM
-
-    mu = MU_WATER_PER_MM * np.clip(roi.hu - floor_hu, 0.0, None) / 1000.0
-    if region is not None:
-        sig = taper_mm / roi.spacing_mm[::-1]  # (k, j, i) voxels
-        mu = mu * ndimage.gaussian_filter(region.astype(np.float32), sigma=sig, mode="constant")
-    return mu.astype(np.float32)
+from .surface import SurfacePoints, canny_surface_points
 
 
 def band_mask(uv: torch.Tensor, height: int, width: int, radius_px: int) -> torch.Tensor:
@@ -241,11 +219,11 @@ class PPCConfig:
         almost free. ``None`` entries (or an empty tuple) disable the anchor.
     learned_levels : tuple of float
         Nominal levels (entries of ``levels``) whose updates are weighted by the learned
-        correspondence weighting (PPC-L, :mod:`.learned`) instead of NGC + MCCR; at those levels
+        correspondence weighting (PPC-L, :mod:`reg2d3d_ros.ppcl`) instead of NGC + MCCR; at those levels
         there is no in-plane / no-depth phase and no anchor (the network was trained without
         them). Empty: classic PPC. ``PPCL_PLUS_CONFIG`` learns at the coarse levels only.
     flow_levels : tuple of float
-        Nominal levels whose updates use the PPC Flow (Attention) operator (:mod:`.flow`): the
+        Nominal levels whose updates use the PPC Flow (Attention) operator (:mod:`reg2d3d_ros.ppcflow`): the
         flow network's correspondences and (with attention) its weights, no NGC search.
     learned_as_prior : bool
         Use the learned weights as the prior weights of the classic update instead of replacing
@@ -513,9 +491,9 @@ class PPCRegistrator:
 
     def __init__(self, roi, surface: SurfacePoints, config: PPCConfig = PPCConfig(), region: np.ndarray | None = None,
                  floor_hu: float | None = None, drr_step_mm: float | None = None, dtype=torch.float64, learned=None, flow=None):
-        #: learned correspondence weighting (:class:`.learned.LearnedWeighting`), used at ``config.learned_levels``
+        #: learned correspondence weighting (:class:`reg2d3d_ros.ppcl.LearnedWeighting`), used at ``config.learned_levels``
         self.learned = learned
-        #: learned flow update operator (:class:`.flow.FlowOperator`), used at ``config.flow_levels``
+        #: learned flow update operator (:class:`reg2d3d_ros.ppcflow.FlowOperator`), used at ``config.flow_levels``
         self.flow = flow
         if len(surface) < 50:
             raise ConfigError(f"only {len(surface)} surface points: the target has too few edges for PPC")
@@ -525,6 +503,7 @@ class PPCRegistrator:
         self.region = region
         self._floor_hu = floor_hu
         self._polisher = None
+        self._fixed_cache = None  # (frame, {level: gradient}) of the last frame (fixed_gradients)
         self.dtype = dtype
         floor = BONE_FLOOR_HU if floor_hu is None else floor_hu
         mu = target_attenuation(roi, region, floor_hu=floor)
@@ -569,12 +548,24 @@ class PPCRegistrator:
 
     # -------------------------------------------------------------------------------------
     def fixed_gradients(self, image_att, levels) -> dict:
-        """Smoothed gradient images ``{level: (2, h, w)}`` of an attenuation-like frame ``(H, W)``."""
-        img = torch.as_tensor(np.asarray(image_att, dtype=np.float32))
+        """Smoothed gradient images ``{level: (2, h, w)}`` float32 of an attenuation-like frame ``(H, W)``.
+
+        The gradients of the last frame are kept: the registration, the in-plane search, the
+        peak check and the acceptance checks of one frame (the same ``image_att`` object, not
+        modified in between) compute each level once.
+        """
+        cached = self._fixed_cache
+        if cached is None or cached[0] is not image_att:
+            cached = self._fixed_cache = (image_att, {})
         out = {}
+        img = None
         for s in levels:
-            small = downsample(img[None], s)[0] if s != 1.0 else img
-            out[s] = gradient_image(small.to(torch.float32), self.config.smooth_sigma_px)
+            if s not in cached[1]:
+                if img is None:
+                    img = torch.as_tensor(np.asarray(image_att, dtype=np.float32))
+                small = downsample(img[None], s)[0] if s != 1.0 else img
+                cached[1][s] = gradient_image(small.to(torch.float32), self.config.smooth_sigma_px)
+            out[s] = cached[1][s]
         return out
 
     def moving_gradient(self, T: torch.Tensor, intr: CArmIntrinsics, around_uv: torch.Tensor | None = None) -> torch.Tensor:

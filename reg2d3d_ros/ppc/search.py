@@ -26,7 +26,7 @@ pixels ``(u, v)``, optical x to the right (u), y down (v), z along the principal
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -86,6 +86,22 @@ def moving_gradient_and_footprint(registrator, T: torch.Tensor, intr):
     return grad, mag > 0.02 * float(mag.max())
 
 
+def _fast_len(n: int) -> int:
+    """The smallest ``2^a 3^b 5^c >= n`` (a size the FFT handles fast; the next power of two can be twice as large)."""
+    best = 1 << (n - 1).bit_length()
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            v = p35
+            while v < n:
+                v *= 2
+            best = min(best, v)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
 def ngc_map(grad_fixed: torch.Tensor, grad_moving: torch.Tensor, footprint: torch.Tensor, max_shift_px: int) -> torch.Tensor:
     """NGC of a moving gradient field against a fixed one for every integer shift.
 
@@ -109,8 +125,7 @@ def ngc_map(grad_fixed: torch.Tensor, grad_moving: torch.Tensor, footprint: torc
     """
     _, h, w = grad_fixed.shape
     m = int(max_shift_px)
-    H, W = h + m + 1, w + m + 1  # pad: no wrap-around for |shift| <= m
-    H, W = 1 << (H - 1).bit_length(), 1 << (W - 1).bit_length()
+    H, W = _fast_len(h + m + 1), _fast_len(w + m + 1)  # pad: no wrap-around for |shift| <= m
     dtype = torch.float64
     gf = grad_fixed.to(dtype)
     gm = grad_moving.to(dtype) * footprint.to(dtype)
@@ -292,6 +307,12 @@ class PeakCheck:
     shift_mm : tuple of float
         Optical (x, y) translation (mm) that moves the pose onto the peak, refined to sub-pixel
         precision by a parabola through the peak and its neighbours along each axis.
+    shift_px : tuple of float
+        The same shift in pixels ``(du, dv)`` of the check's resolution.
+    moving : tuple or None
+        ``(grad (2, h, w) float32, footprint (h, w) bool)``: the moving gradient the check
+        rendered at the pose (reused by :func:`shifted_gc` to score this pose, or its peak, on
+        the next frame without rendering it again).
     """
 
     gc: float
@@ -299,6 +320,8 @@ class PeakCheck:
     peak_offset_mm: float
     ring_gc: float
     shift_mm: tuple = (0.0, 0.0)
+    shift_px: tuple = (0.0, 0.0)
+    moving: tuple | None = field(default=None, repr=False)
 
     @property
     def prominence(self) -> float:
@@ -360,4 +383,58 @@ def peak_check(registrator, image_att, intrinsics, T: torch.Tensor, range_mm: fl
     dv = iv - m + (vertex(float(ngc[iv - 1, iu]), float(ngc[iv, iu]), float(ngc[iv + 1, iu])) if 0 < iv < 2 * m else 0.0)
     z = float(c_opt[2])
     return PeakCheck(gc=float(ngc[m, m]), peak_gc=float(ngc.flatten()[k]), peak_offset_mm=float(dist.flatten()[k]),
-                     ring_gc=float(ring.median()) if ring.numel() else 0.0, shift_mm=(du * z / float(intr.fx), dv * z / float(intr.fy)))
+                     ring_gc=float(ring.median()) if ring.numel() else 0.0, shift_mm=(du * z / float(intr.fx), dv * z / float(intr.fy)),
+                     shift_px=(du, dv), moving=moving)
+
+
+def shifted_gc(grad_fixed: torch.Tensor, moving: tuple, shift_px=(0.0, 0.0)) -> float:
+    """NGC of a cached moving gradient, moved by a sub-pixel shift, with a frame's gradient.
+
+    The score :class:`GradientCorrelation` gives the pose a :class:`PeakCheck` rendered
+    (``shift_px`` zero) or that pose moved in-plane onto its peak (``shift_px`` the check's
+    ``shift_px``: an in-plane translation moves the projection of a target far from the source by
+    the same number of pixels everywhere), without rendering it again.
+
+    Parameters
+    ----------
+    grad_fixed : torch.Tensor
+        ``(2, h, w)`` gradient of the frame at the check's resolution.
+    moving : tuple
+        ``(grad (2, h, w), footprint (h, w) bool)`` of :attr:`PeakCheck.moving`.
+    shift_px : tuple of float
+        ``(du, dv)`` pixels the moving image moves (right, down).
+
+    Returns
+    -------
+    float
+        In ``[-1, 1]``; 0 when nothing overlaps.
+    """
+    grad, footprint = moving
+    du, dv = float(shift_px[0]), float(shift_px[1])
+    if du != 0.0 or dv != 0.0:
+        _, h, w = grad.shape
+        # sample the moving image at x - shift (align_corners=True: x_n = 2 x / (n - 1) - 1)
+        ys = torch.arange(h, dtype=grad.dtype) - dv
+        xs = torch.arange(w, dtype=grad.dtype) - du
+        gy = (2.0 * ys / max(h - 1, 1) - 1.0)[:, None].expand(h, w)
+        gx = (2.0 * xs / max(w - 1, 1) - 1.0)[None, :].expand(h, w)
+        grid = torch.stack([gx, gy], dim=-1)[None]
+        fp = torch.nn.functional.grid_sample(footprint[None, None].to(grad.dtype), grid, mode="bilinear", padding_mode="zeros",
+                                             align_corners=True)[0, 0]
+        footprint = fp > 0.5
+        # the gradient by a phase ramp (exact for the smoothed, band-limited field; bilinear
+        # interpolation would low-pass it and raise its correlation with the frame)
+        pad = int(math.ceil(max(abs(du), abs(dv)))) + 2
+        H, W = h + pad, w + pad
+        spec = torch.fft.rfft2(grad.to(torch.float64), s=(H, W))
+        ky = torch.fft.fftfreq(H, dtype=torch.float64)[:, None]
+        kx = torch.fft.rfftfreq(W, dtype=torch.float64)[None, :]
+        ramp = torch.exp(-2j * math.pi * (ky * dv + kx * du))
+        grad = torch.fft.irfft2(spec * ramp, s=(H, W))[:, :h, :w]
+    gf = grad_fixed.to(torch.float64)
+    gm = grad.to(torch.float64) * footprint
+    energy_f = float(((gf * gf).sum(dim=0) * footprint).sum())
+    energy_m = float((gm * gm).sum())
+    if energy_f <= 1e-12 or energy_m <= 1e-12:
+        return 0.0
+    return float((gm * gf).sum()) / math.sqrt(energy_f * energy_m)

@@ -167,19 +167,6 @@ def canny_surface_points(
     return out
 
 
-def structure_region(ct, label_ids, dilation_mm: float = 3.0) -> np.ndarray:
-    """Boolean ``(D, H, W)`` region: the labels dilated by about ``dilation_mm`` (ellipsoidal in voxels)."""
-    from scipy import ndimage
-
-    mask = ct.label_mask(label_ids)
-    r = np.maximum(np.round(dilation_mm / ct.spacing_mm[::-1]).astype(int), 0)  # (k, j, i)
-    if not np.any(r):
-        return mask
-    zz, yy, xx = np.meshgrid(*[np.arange(-ri, ri + 1) for ri in r], indexing="ij")
-    ball = ((zz / max(r[0], 1)) ** 2 + (yy / max(r[1], 1)) ** 2 + (xx / max(r[2], 1)) ** 2) <= 1.0
-    return ndimage.binary_dilation(mask, structure=ball)
-
-
 #: Voxel volume of the CT the surface thresholds were chosen on (the example CT, 0.703 x 0.703 x 2.5 mm), mm^3.
 REFERENCE_VOXEL_MM3 = 0.703125 * 0.703125 * 2.5
 

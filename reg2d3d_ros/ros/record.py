@@ -7,7 +7,7 @@ on Ctrl-C.
 
 Usage::
 
-    python -m reg2d3d_ros.record OUT_BAG [--topics /registration/pose /tf /diagnostics]
+    python -m reg2d3d_ros.ros.record OUT_BAG [--topics /registration/pose /tf /diagnostics]
                                         [--duration 30] [--storage mcap|sqlite3]
 """
 
@@ -25,7 +25,7 @@ os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")  # before the 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
-    ap = argparse.ArgumentParser(prog="python -m reg2d3d_ros.record", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m reg2d3d_ros.ros.record", description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path, help="bag folder to create")
     ap.add_argument("--topics", nargs="*", default=None, help="TOPIC or TOPIC:=pkg/msg/Type (default: the node's outputs)")
     ap.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: until Ctrl-C)")
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         n = record(args)
         print(f"recorded {n} messages to {args.out}")
 
-    return exit_status(run_cli(body, "python -m reg2d3d_ros.record"))
+    return exit_status(run_cli(body, "python -m reg2d3d_ros.ros.record"))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ node drops frames only when tracking cannot keep up.
 
 Usage::
 
-    python -m reg2d3d_ros.replay BAG [--rate 1.0] [--topics /carm/image /carm/camera_info]
+    python -m reg2d3d_ros.ros.replay BAG [--rate 1.0] [--topics /carm/image /carm/camera_info]
                                     [--remap /carm/image:=/other/image] [--wait-subscribers 1]
                                     [--qos reliable|sensor] [--loop]
                                     [--lockstep /registration/pose [--lockstep-timeout 20]
@@ -52,7 +52,7 @@ def message_class(msgtype: str):
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
-    ap = argparse.ArgumentParser(prog="python -m reg2d3d_ros.replay", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m reg2d3d_ros.ros.replay", description=__doc__.split("\n\n")[0])
     ap.add_argument("bag", type=Path, help="rosbag2 folder (or .mcap / .db3 file)")
     ap.add_argument("--rate", type=float, default=1.0, help="playback rate (1 = real time, 0 = as fast as possible)")
     ap.add_argument("--topics", nargs="*", default=None, help="only these topics (default: all)")
@@ -346,7 +346,7 @@ def main(argv=None) -> int:
         extra = f" (lock-step on {args.lockstep.partition(':=')[0]}{until}: {unanswered} unanswered)" if args.lockstep else ""
         print(f"replayed {n} messages from {args.bag}{extra}")
 
-    return exit_status(run_cli(body, "python -m reg2d3d_ros.replay"))
+    return exit_status(run_cli(body, "python -m reg2d3d_ros.ros.replay"))
 
 
 if __name__ == "__main__":

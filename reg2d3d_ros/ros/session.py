@@ -1,6 +1,9 @@
 """Drive the registration node with a bag: start it, give it an initial pose, replay, collect.
 
-Used by the demo (README command 1). Imports rclpy: this is the ROS layer, not the library.
+Used by the demo (README command 1) and ``trial``. The node runs as its own process, started
+through its public entry point (``python -m reg2d3d_ros.ros.node``, :func:`.client.start_node`), and
+the bag is replayed by ``python -m reg2d3d_ros.ros.replay``. Imports rclpy: this is the ROS layer,
+not the library.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import time
 from pathlib import Path
 
 from ..errors import Reg2D3DError
-from .graph import TestGraph, graph_env, last_diagnostics, pose_msg, run_tool, start_node, stop_process
+from .client import GraphClient, graph_env, last_diagnostics, pose_msg, run_tool, start_node, stop_process
 
 
 def run_bag_through_node(bag: Path, params: dict, T_initial_mm, out: Path, rate: float = 1.0, n_frames: int = 0,
@@ -54,10 +57,10 @@ def run_bag_through_node(bag: Path, params: dict, T_initial_mm, out: Path, rate:
     out, bag = Path(out).resolve(), Path(bag).resolve()  # a relative folder would put the node's ROS logs elsewhere (it runs in the repository)
     log("[3/5] starting the registration node (its log: node.log)")
     env = graph_env(out, None)
-    proc = start_node(env, {**params, "diagnostics_period": 0.5}, out / "node.log")
+    proc = start_node(env, {**params, "diagnostics_period": 0.5}, out / "node.log", cwd=out)
     g = None
     try:
-        g = TestGraph(env)
+        g = GraphClient(env)
         poses_rx = g.subscribe(PoseStamped, "/registration/pose")
         tf_rx = g.subscribe(TFMessage, "/tf")
         diag_rx = g.subscribe(DiagnosticArray, "/diagnostics")
@@ -84,7 +87,7 @@ def run_bag_through_node(bag: Path, params: dict, T_initial_mm, out: Path, rate:
             log("[4/5] no initial pose: the node initialises itself (SCR-PnP, then PPC); replaying the bag")
         try:
             res = run_tool(
-                [sys.executable, "-m", "reg2d3d_ros.replay", str(bag), "--rate", str(rate), "--qos", "sensor",
+                [sys.executable, "-m", "reg2d3d_ros.ros.replay", str(bag), "--rate", str(rate), "--qos", "sensor",
                  "--exclude", "/carm/ground_truth_pose", "--wait-subscribers", "1"]
                 # an initialisation (SCR, in-plane search, PPC, polish) takes 10-30 s on 2 free cores, minutes on loaded ones
                 + (["--lockstep", "/registration/pose", "--lockstep-timeout", "180"] if lockstep else [])

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..engines import NetworkSpec, register_format
 from ..errors import ModelLoadError
 from .data import SceneNormalisation, normalise_frame, resize_frame
 from .loss import split_prediction
@@ -186,3 +187,13 @@ class SCRInitializer:
         elif res.inlier_fraction < a.min_inlier_fraction:
             why = f"SCR: PnP inlier fraction {res.inlier_fraction:.2f} < {a.min_inlier_fraction}"
         return SCRResult(res.T_optical_from_ct, not why, res.inlier_fraction, why, res, t_net, res.seconds, n_conf)
+
+
+def networks(path) -> dict:
+    """``{"scr": NetworkSpec}`` of an ``scr.pt`` (:mod:`reg2d3d_ros.engines`)."""
+    m = SCRInitializer.load(path)
+    s = m.size
+    return {"scr": NetworkSpec("scr", m.net.eval(), {"image": (1, 1, s, s)}, {"image": "float32"}, ("scene",))}
+
+
+register_format(FORMAT, networks)

@@ -1,8 +1,8 @@
 """Training of the SCR U-Net and of the pose-regression baseline, resumable.
 
 Both trainers take the cached views of :mod:`reg2d3d_ros.scr.data`, degrade them on the fly,
-and write a checkpoint after every epoch (``torch.save`` of plain state dicts, read back with
-``weights_only=True``); started again with the same checkpoint path they resume where they
+and write a checkpoint after every epoch (:func:`reg2d3d_ros.training.save_checkpoint`: plain state
+dicts, read back with ``weights_only=True``); started again with the same checkpoint path they resume where they
 stopped. Under ``torchrun`` (``WORLD_SIZE > 1``) they use PyTorch's DistributedDataParallel with
 a DistributedSampler; rank 0 writes the checkpoints.
 """
@@ -10,7 +10,6 @@ a DistributedSampler; rank 0 writes the checkpoints.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -20,7 +19,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..progress import bar as _bar, end_line
+from ..progress import bar, end_line
+from ..training import constant_then_cosine_lr, distributed, resume, save_checkpoint, set_lr
 from .data import SCRDataset, SceneNormalisation
 from .loss import scr_loss
 
@@ -39,59 +39,6 @@ class TrainConfig:
     l1_weight: float = 1.0
 
 
-def _distributed():
-    """``(rank, world_size)``; initialises the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = torch.distributed.get_rank() if world > 1 else 0
-    return rank, world
-
-
-def _lr_at(cfg: TrainConfig, epoch: int) -> float:
-    """Constant, then a cosine decay over the last third."""
-    start = int(cfg.epochs * 2 / 3)
-    if epoch < start:
-        return cfg.lr
-    frac = (epoch - start) / max(1, cfg.epochs - start)
-    return float(cfg.lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * frac))))
-
-
-def _load_checkpoint(path: Path, meta: dict):
-    if not path.exists():
-        return None
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ConfigError(f"checkpoint {path} cannot be read ({type(exc).__name__}); delete it to train from the start") from None
-    def without_epochs(m):  # more epochs continue a finished training
-        m = json.loads(json.dumps(m))
-        m["config"].pop("epochs", None)
-        return m
-
-    if without_epochs(json.loads(ck["meta_json"])) != without_epochs(meta):
-        raise ConfigError(f"checkpoint {path} belongs to another training set-up; delete it or use another output folder")
-    return ck
-
-
-def _resume(checkpoint: Path, meta: dict, net, opt):
-    """Load a matching checkpoint into ``net``/``opt``; returns ``(history, start_epoch, resumed)``."""
-    ck = _load_checkpoint(Path(checkpoint), meta)
-    if ck is None:
-        return [], 0, False
-    net.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"])
-    return json.loads(ck["history_json"]), int(ck["epoch"]) + 1, True
-
-
-def _save(checkpoint: Path, epoch: int, net, opt, meta: dict, history: list) -> None:
-    """Write a checkpoint atomically (plain state dicts and JSON strings: ``weights_only`` loadable)."""
-    tmp = Path(checkpoint).with_suffix(".tmp")
-    torch.save({"epoch": epoch, "model": net.state_dict(), "optimizer": opt.state_dict(), "meta_json": json.dumps(meta),
-                "history_json": json.dumps(history)}, tmp)
-    tmp.replace(checkpoint)
-
-
 def train_scr(views: dict, norm: SceneNormalisation, cfg: TrainConfig, checkpoint: Path, device: str = "cpu", progress: bool = True,
               init_from: Path | None = None):
     """Train the SCR U-Net on cached views (resuming from ``checkpoint``).
@@ -107,7 +54,7 @@ def train_scr(views: dict, norm: SceneNormalisation, cfg: TrainConfig, checkpoin
     """
     from ..nets import UNet
 
-    rank, world = _distributed()
+    rank, world = distributed()
     torch.manual_seed(cfg.seed)
     n = len(views["poses"])
     n_val = max(1, int(round(n * cfg.validation_fraction)))
@@ -118,7 +65,7 @@ def train_scr(views: dict, norm: SceneNormalisation, cfg: TrainConfig, checkpoin
     net = UNet(1, 8, widths=cfg.widths, stride=cfg.stride).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     meta = {"kind": "scr", "config": json.loads(json.dumps(asdict(cfg))), "n_views": n, "norm": [list(norm.center_ct_mm), norm.scale_mm]}
-    history, start_epoch, resumed = _resume(checkpoint, meta, net, opt)
+    history, start_epoch, resumed = resume(checkpoint, meta, net, opt)
     if resumed:
         if progress and rank == 0:
             print(f"resuming SCR training at epoch {start_epoch + 1}/{cfg.epochs} from {checkpoint}", file=sys.stderr)
@@ -136,8 +83,7 @@ def train_scr(views: dict, norm: SceneNormalisation, cfg: TrainConfig, checkpoin
     off = cfg.stride // 2
     t0 = time.time()
     for epoch in range(start_epoch, cfg.epochs):
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(cfg, epoch)
+        set_lr(opt, constant_then_cosine_lr(cfg.lr, cfg.epochs, epoch))
         ds.epoch = epoch
         sub = torch.utils.data.Subset(ds, train_idx.tolist())
         sampler = torch.utils.data.distributed.DistributedSampler(sub, seed=cfg.seed) if world > 1 else None
@@ -158,7 +104,7 @@ def train_scr(views: dict, norm: SceneNormalisation, cfg: TrainConfig, checkpoin
             tot += float(out["loss"].detach())
             cnt += 1
             if progress and rank == 0:
-                _bar(f"SCR epoch {epoch + 1}/{cfg.epochs}", b + 1, len(loader), time.time() - t_epoch)
+                bar(f"SCR epoch {epoch + 1}/{cfg.epochs}", b + 1, len(loader), time.time() - t_epoch)
         val = evaluate_scr_loss(net, ds_val, val_idx, cfg, device)
         history.append({"epoch": epoch + 1, "train_loss": tot / max(1, cnt), **val, "seconds": round(time.time() - t0, 1)})
         if progress and rank == 0:
@@ -166,7 +112,7 @@ def train_scr(views: dict, norm: SceneNormalisation, cfg: TrainConfig, checkpoin
             print(f"epoch {epoch + 1}: train loss {tot / max(1, cnt):.3f}, validation loss {val['val_loss']:.3f}, "
                   f"scene-coordinate error {val['val_err_mm']:.2f} mm", file=sys.stderr)
         if rank == 0:
-            _save(checkpoint, epoch, net, opt, meta, history)
+            save_checkpoint(checkpoint, epoch, net, opt, meta, history)
     net.eval()
     return net, history
 
@@ -208,11 +154,10 @@ def train_pose_regression(views: dict, norm: SceneNormalisation, target_pts_ct_m
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     pts = torch.as_tensor(target_pts_ct_mm, dtype=torch.float32, device=device)
     meta = {"kind": "posenet", "config": json.loads(json.dumps(asdict(cfg))), "n_views": n, "norm": [list(norm.center_ct_mm), norm.scale_mm]}
-    history, start_epoch, _ = _resume(checkpoint, meta, net, opt)
+    history, start_epoch, _ = resume(checkpoint, meta, net, opt)
     t0 = time.time()
     for epoch in range(start_epoch, cfg.epochs):
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(cfg, epoch)
+        set_lr(opt, constant_then_cosine_lr(cfg.lr, cfg.epochs, epoch))
         ds.epoch = epoch
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, generator=gen, drop_last=True)
@@ -230,11 +175,11 @@ def train_pose_regression(views: dict, norm: SceneNormalisation, target_pts_ct_m
             tot += float(loss.detach())
             cnt += 1
             if progress:
-                _bar(f"pose regression epoch {epoch + 1}/{cfg.epochs}", b + 1, len(loader), time.time() - t_epoch)
+                bar(f"pose regression epoch {epoch + 1}/{cfg.epochs}", b + 1, len(loader), time.time() - t_epoch)
         history.append({"epoch": epoch + 1, "train_mtre_mm": tot / max(1, cnt), "seconds": round(time.time() - t0, 1)})
         if progress:
             end_line()
             print(f"epoch {epoch + 1}: train mTRE {tot / max(1, cnt):.1f} mm", file=sys.stderr)
-        _save(checkpoint, epoch, net, opt, meta, history)
+        save_checkpoint(checkpoint, epoch, net, opt, meta, history)
     net.eval()
     return net, history

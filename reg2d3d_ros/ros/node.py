@@ -13,7 +13,7 @@ status 2). At run time such a set is refused with that reason and the node keeps
 
 Run::
 
-    python -m reg2d3d_ros.registration_node --ros-args -p ct_path:=CT -p labels_path:=LABELS -p target:=T8
+    python -m reg2d3d_ros.ros.node --ros-args -p ct_path:=CT -p labels_path:=LABELS -p target:=T8
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import os
 os.environ.setdefault("FASTDDS_BUILTIN_TRANSPORTS", "LARGE_DATA")
 
 import logging  # noqa: E402
-import math  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -44,82 +43,15 @@ from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 from tf2_msgs.msg import TFMessage  # noqa: E402
 
-from .errors import ConfigError, Reg2D3DError  # noqa: E402
-from .geometry.se3 import pose_m_to_transform, transform_to_pose_m  # noqa: E402
-from .ros.lifecycle import enable_stack_dumps, exit_status, init_ros, shutdown_ros  # noqa: E402
-from .pipeline import INTENSITY_STAGES, TRACKERS, TRACKING, WAITING_FOR_CT, PipelineConfig, RegistrationPipeline  # noqa: E402
-from .volume import LABEL_SET_CHOICES  # noqa: E402
+from ..errors import ConfigError, Reg2D3DError  # noqa: E402
+from ..geometry.se3 import pose_m_to_transform, transform_to_pose_m  # noqa: E402
+from ..pipeline import TRACKING, WAITING_FOR_CT, PipelineConfig, RegistrationPipeline  # noqa: E402
+from ..settings import SETTINGS, setting  # noqa: E402
+from .lifecycle import enable_stack_dumps, exit_status, init_ros, shutdown_ros  # noqa: E402
 
-#: The pipeline's defaults: a parameter that is a pipeline setting takes its default from there.
-_D = PipelineConfig()
-
-#: (name, default, description, unit, range (lo, hi) or choices, read_only)
-PARAMETERS = [
-    ("ct_path", _D.ct_path, "CT volume: NIfTI, NRRD or MHA file, or a DICOM series folder", "", None, True),
-    ("labels_path", _D.labels_path, "label map of the CT (e.g. TotalSegmentator) used to select the target", "", None, True),
-    ("label_table_path", _D.label_table_path, "CSV naming the labels (columns structure,id); empty: TotalSegmentator's names, built in (label_set)", "", None, True),
-    ("label_set", _D.label_set, "label ids of the built-in names (used when label_table_path is empty): totalseg_v2 (TotalSegmentator v2, task total, "
-     "117 classes) or totalseg_v1 (v1, 104 classes); auto: the version the label map shows (ids above 104, or where its vertebrae are), "
-     "else totalseg_v2", "", LABEL_SET_CHOICES, True),
-    ("resample_labels", _D.resample_labels, "a label map on another grid than the CT (size, spacing, origin, direction) is resampled onto the CT grid "
-     "(nearest neighbour, said in the log) instead of being an error", "", None, True),
-    ("target", _D.target, "structure to register: a TotalSegmentator name (vertebrae_L3), a vertebra's short name (L3) or a label id (29)", "", None, True),
-    ("intensity", _D.intensity, "pixel meaning: attenuation (bright = material) or transmission (bright = photons)", "", ("attenuation", "transmission"), True),
-    ("tracker", _D.tracker, "update operator of registration and tracking: ppc (classic), ppc_l (learned correspondence weights), "
-     "ppc_l_plus (learned at coarse levels, classic at full resolution), ppc_l_hybrid (learned weights inside the classic update), "
-     "ppc_flow_plus (PPC Flow Attention at the coarsest level); "
-     "the learned ones need ppcl.pt / ppcflow.pt in models_dir", "", TRACKERS, True),
-    ("models_dir", _D.models_dir, "model folder written by python -m reg2d3d_ros.prepare for this CT (scr.pt/scr.onnx: the SCR-PnP initialiser, "
-     "used when no initial pose is given; ppcl.pt / ppcflow.pt: the learned update operators; similarity.pt: the learned similarity); every model file in it is checked at start-up; '' for none", "", None, True),
-    ("backend", _D.backend, "inference back-end of the networks (auto: TensorRT > PyTorch CUDA > ONNX Runtime CPU > PyTorch CPU; an unavailable one falls back with a warning)", "", ("auto", "tensorrt", "onnxruntime", "pytorch"), True),
-    ("device", _D.device, "inference device (auto: cuda if available)", "", ("auto", "cpu", "cuda"), True),
-    ("recover", _D.recover, "recovery stage when tracking is lost and SCR-PnP is rejected or unavailable (gc recommended: reports/intensity/report_recover.md): intensity-based registration "
-     "(this similarity, gradient ascent + CMA-ES) from the last good pose before PPC; learned: the learned similarity, similarity.pt in models_dir; learned_gc: learned, then gc; off: PPC from the last good pose", "", INTENSITY_STAGES, True),
-    ("refine", _D.refine, "refinement of every initial pose (SCR-PnP or initial_pose) by intensity-based registration (this similarity, gradient + CMA-ES) "
-     "before PPC (learned: similarity.pt in models_dir)", "", INTENSITY_STAGES, True),
-    ("moving_image", _D.moving_image, "what PPC's moving image (the DRR whose edges are matched) shows: target (the target's bone only), roi (all bone "
-     "of the crop around it, neighbours included) or auto (roi for the classic tracker, target for the learned ones, which were trained "
-     "with it; reports/ppc_search/report.md)", "", ("auto", "target", "roi"), True),
-    ("search_range_mm", _D.search_range_mm, "global in-plane search of every PPC (re-)initialisation: image-plane shifts up to this far from the start "
-     "(at the target's depth) and rotations about the principal ray, scored by gradient correlation; PPC runs from the start and the best "
-     "candidates (reports/ppc_search/report.md); 0: off", "mm", (0.0, 100.0), True),
-    ("polish", _D.polish, "polish every PPC (re-)initialisation by gradient ascent on the gradient correlation of the moving image with the frame, "
-     "every degree of freedom but depth (more precise than PPC alone, about 2-3 s more on 2 CPU cores; reports/ppc_polish/report.md); the acceptance "
-     "checks look at the pose before the polish", "", None, True),
-    ("guard", _D.guard, "judge every PPC (re-)initialisation's updates by the gradient correlation of the moving image with the frame (an update "
-     "that lowers it is halved, reduced to its in-plane part or rejected) and pick the in-plane search's best start by it; about three times "
-     "the PPC's time (reports/ppc_guard/report.md)", "", None, True),
-    ("intensity_budget_s", _D.intensity_budget_s, "wall-time budget of the CMA-ES part of a recovery or refinement", "s", (0.0, 60.0), True),
-    ("ct_frame", "ct", "TF child frame of the CT", "", None, True),
-    ("image_topic", "/carm/image", "input frames (sensor_msgs/Image: mono8, mono16, 32FC1)", "", None, True),
-    ("camera_info_topic", "/carm/camera_info", "input intrinsics (sensor_msgs/CameraInfo)", "", None, True),
-    ("initial_pose_topic", "/registration/initial_pose", "optional pose guess (geometry_msgs/PoseStamped)", "", None, True),
-    ("pose_topic", "/registration/pose", "output pose T_optical_from_ct (geometry_msgs/PoseStamped)", "", None, True),
-    ("overlay_topic", "/registration/overlay", "output overlay (sensor_msgs/Image rgb8)", "", None, True),
-    ("publish_overlay", True, "publish the overlay image for every registered frame", "", None, False),
-    ("lost_inlier_fraction", _D.lost_inlier_fraction, "tracking is judged lost below this inlier fraction of the contour correspondences", "fraction", (0.0, 1.0), False),
-    ("lost_relative_fraction", _D.lost_relative_fraction, "tracking is judged lost when the inlier fraction drops below this fraction of its recent level", "fraction", (0.0, 1.0), False),
-    ("lost_relative_gc", _D.lost_relative_gc, "tracking is judged lost when the gradient correlation of the moving image with the frame at the pose "
-     "drops below this fraction of its recent level (a per-sequence baseline: the absolute level changes with contrast and dose); 0: off",
-     "fraction", (0.0, 1.0), False),
-    ("max_peak_offset_mm", _D.max_peak_offset_mm, "every registration is compared with in-plane shifts of itself: when the frame matches the "
-     "target best more than this far from the pose, nothing is published (lost / initialisation rejected); 0: off", "mm", (0.0, 50.0), False),
-    ("peak_correction", _D.peak_correction, "move a tracked pose onto the peak of that comparison when it lies 0.5 mm to max_peak_offset_mm "
-     "beside it (in-plane, sub-pixel): removes the slow drift of the contour updates", "", None, False),
-    ("track_guard", _D.track_guard, "keep the previous pose when the tracked pose correlates less with the frame than the previous pose "
-     "(stops noise from walking a still view away)", "", None, False),
-    ("track_dof", _D.track_dof, "degrees of freedom of the per-frame tracking update: in_plane (rotation about the principal ray, image-plane "
-     "translation) or no_depth (then also the out-of-plane rotations: follows a C-arm sweep)", "", ("in_plane", "no_depth"), True),
-    ("motion_prediction", _D.motion_prediction, "each tracked frame starts from the previous pose moved on by this fraction of the last "
-     "frame-to-frame motion (constant velocity, damped); 0: from the previous pose", "fraction", (0.0, 1.0), True),
-    ("accept_inlier_fraction", _D.accept_inlier_fraction, "a (re-)initialisation with a lower inlier fraction publishes nothing (initialisation rejected: a wrong optimum "
-     "usually fits fewer correspondences); 0: off", "fraction", (0.0, 1.0), False),
-    ("accept_gradient_correlation", _D.accept_gradient_correlation, "a (re-)initialisation whose moving image correlates less with the frame (gradient correlation at half "
-     "resolution) publishes nothing (chosen with the roi moving image; reports/ppc_search/report.md); 0: off", "", (0.0, 1.0), False),
-    ("min_correspondences", _D.min_correspondences, "tracking is judged lost with fewer contour correspondences", "count", (0, 100000), False),
-    ("diagnostics_period", 1.0, "period of /diagnostics messages", "s", (0.05, 60.0), True),
-]
-
+#: The node's parameters, ``(name, default, description, unit, range or choices, read-only)``:
+#: every setting of :data:`reg2d3d_ros.settings.SETTINGS` (the single definition), in its order.
+PARAMETERS = [(x.name, x.default, x.description, x.unit, x.range if x.range is not None else x.choices, not x.runtime) for x in SETTINGS]
 
 _SPECS = {spec[0]: spec for spec in PARAMETERS}
 
@@ -137,84 +69,14 @@ def _descriptor(name, default, description, unit, rng, read_only) -> ParameterDe
     return d
 
 
-def _expected(name: str) -> str:
-    """What parameter ``name`` takes, for messages (``a number in [0, 100] (unit: mm)``)."""
-    _, default, _, unit, rng, _ = _SPECS[name]
-    numeric = isinstance(rng, tuple) and len(rng) == 2 and not isinstance(rng[0], str)
-    unit_text = f" (unit: {unit})" if unit else ""
-    if isinstance(default, bool):
-        return "true or false"
-    if isinstance(default, float):
-        return (f"a number in [{rng[0]:g}, {rng[1]:g}]" if numeric else "a number") + unit_text
-    if isinstance(default, int):
-        return (f"an integer in [{rng[0]}, {rng[1]}]" if numeric else "an integer") + unit_text
-    if rng is not None:
-        return "one of " + ", ".join(rng)
-    return "text"
-
-
-def _shown(value) -> str:
-    """A parameter value as the user wrote it, with its type where that was the problem."""
-    if isinstance(value, bool):
-        return f"{str(value).lower()} (a boolean)"
-    if isinstance(value, int):
-        return f"{value} (an integer)"
-    if isinstance(value, float):
-        return f"{value:g} (a number)"
-    if isinstance(value, str):
-        return f"{value!r} (text)"
-    return f"{value!r} (a {type(value).__name__})" if value is not None else "nothing (the parameter was unset)"
-
-
 def check_parameter(name: str, value):
     """The value of parameter ``name`` in its declared type, or a :class:`ConfigError` saying what it takes.
 
-    An integer is taken for a floating-point parameter (``search_range_mm:=20``) and for a text
-    parameter (``target:=29``: a label id); an integral number for an integer parameter.
-
-    Parameters
-    ----------
-    name : str
-        A parameter of :data:`PARAMETERS`.
-    value : bool, int, float, str or other
-        Its value as rclpy has it (from ``-p name:=value``, a parameter file or a set request).
-
-    Returns
-    -------
-    bool, int, float or str
-        The value in the type of the parameter's default.
-
-    Raises
-    ------
-    ConfigError
-        Wrong type, out of range, or not one of the choices (names the parameter, unit and range).
+    :meth:`reg2d3d_ros.settings.Setting.check`: an integer is taken for a floating-point
+    parameter (``search_range_mm:=20``) and for a text parameter (``target:=29``: a label id); an
+    integral number for an integer parameter; the error names the parameter, its unit and range.
     """
-    _, default, _, _, rng, _ = _SPECS[name]
-    numeric = isinstance(rng, tuple) and len(rng) == 2 and not isinstance(rng[0], str)
-    wrong_type = ConfigError(f"parameter {name} must be {_expected(name)}; got {_shown(value)}")
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise wrong_type
-        return value
-    if isinstance(default, (int, float)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise wrong_type
-        if isinstance(default, float):
-            value = float(value)
-        elif isinstance(value, float):
-            if not value.is_integer():
-                raise wrong_type
-            value = int(value)
-        if numeric and not (math.isfinite(value) and rng[0] <= value <= rng[1]):
-            raise ConfigError(f"parameter {name} must be {_expected(name)}; got {value:g}")
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)  # an integer literal for a text parameter: e.g. a label id
-    if not isinstance(value, str):
-        raise wrong_type
-    if rng is not None and value not in rng:
-        raise ConfigError(f"parameter {name} must be {_expected(name)}; got {value!r}")
-    return value
+    return setting(name).check(value)
 
 
 class _RosLogHandler(logging.Handler):
@@ -389,7 +251,7 @@ class RegistrationNode(Node):
             init = "SCR-PnP initialiser loaded" if self.pipeline.scr is not None else "no SCR model: initial poses come from /registration/initial_pose"
             for engine in self.pipeline.engines:  # back-end choices, fall-backs, exports and TensorRT builds
                 for note in engine.notes:
-                    (self.get_logger().warn if "falling back" in note or "asked for" in note else self.get_logger().info)(note)
+                    (self.get_logger().warn if getattr(note, "level", logging.INFO) >= logging.WARNING else self.get_logger().info)(note)
             self.get_logger().info(f"ready in {time.perf_counter() - t0:.1f} s (back-end {self.pipeline.backend}, device "
                                    f"{self.pipeline.device}, {len(self.pipeline.models)} model file(s); {init}): waiting for frames")
         except Reg2D3DError as exc:
@@ -415,7 +277,7 @@ class RegistrationNode(Node):
         res = self.pipeline.process(msg.encoding, msg.height, msg.width, msg.step, msg.data, msg.is_bigendian)
         self.frames_processed += 1
         self._last_confidence = res.confidence
-        self._last_mode = str(res.details.get("mode", ""))
+        self._last_mode = res.mode
         for stage in ("recover", "refine"):
             if stage in res.details:
                 d = res.details[stage]
@@ -549,7 +411,7 @@ class RegistrationNode(Node):
 
 
 def main(argv=None) -> int:
-    """Entry point (``python -m reg2d3d_ros.registration_node --ros-args ...``)."""
+    """Entry point (``python -m reg2d3d_ros.ros.node --ros-args ...``; the console script ``registration_node``)."""
     enable_stack_dumps()
     stop = init_ros(argv if argv is not None else sys.argv)
     node = None

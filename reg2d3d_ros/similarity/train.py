@@ -1,6 +1,16 @@
-"""The correlation-driven learned similarity: training data, losses, training and use as a metric.
+"""Training of the correlation-driven learned similarity on simulated frames of the example CT.
 
-Seed: ``shared/seeds/correlation_driven_similarity.txt``; network: :class:`reg2d3d_ros.nets.similarity.SimilarityNet`.
+    python -m reg2d3d_ros.similarity.train --out models/similarity [--quality tiny|quick|full]
+    torchrun --nproc_per_node=N -m reg2d3d_ros.similarity.train ...   # DistributedDataParallel
+
+Training frames are simulated X-rays of the *training* vertebrae (default T3, T4, T5, T7, T9 and
+T11, the last one validating; the evaluation's test vertebrae T6, T8, T10, T12 are never used):
+AP and lateral views with jittered angles (10 deg) and isocentre (15 mm). Per frame, moving DRRs
+of the target at perturbations drawn like the seed's starts (half of them scaled down towards
+the truth) with their pose Jacobians (:func:`similarity_samples`)
+are computed once and cached under ``--cache`` (resumable). Training writes a checkpoint per
+epoch and resumes from it. Output: ``OUT/similarity.pt`` and ``OUT/similarity.json`` (metadata,
+per-epoch history, and the same validation angles for NCC and gradient correlation).
 
 Pose parameters
 ---------------
@@ -32,19 +42,11 @@ what differs (the rest of the anatomy, soft tissue).
 
 The two losses are combined with learned uncertainty weights
 ``L = L_appro / (2 s1^2) + L_decomp / (2 s2^2) + log s1 + log s2``.
-
-Use
----
-:class:`LearnedSimilarity` is a metric like those of :mod:`.metrics` (``(moving (B, h, w), fixed
-(h, w)) -> (B,)``, higher is better: ``1 - L_net``), differentiable with respect to the moving
-images; :class:`~reg2d3d_ros.intensity.register.IntensityRegistrator` uses it for
-``metric="learned"``. Both images are resized to the network's input size. Optimising a pose
-needs gradients through the network, so it runs in PyTorch (ONNX Runtime and TensorRT give no
-input gradients).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -56,75 +58,24 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..errors import ConfigError, ModelLoadError
+from ..errors import ConfigError, run_cli
+from ..eval.starts import seed_like_perturbations
+from ..training import (cached_training_frames, constant_then_cosine_lr, distributed, resume, save_checkpoint, set_lr, training_parser,
+                        training_setup)
+from .model import LearnedSimilarity
 
-FORMAT = "reg2d3d_ros.learned_similarity"
-VERSION = 1
 #: Radius that turns rotations (rad) into displacements (mm) when poses are compared, mm.
 ROT_RADIUS_MM = 30.0
-#: Name of the learned metric in :class:`~reg2d3d_ros.intensity.register.IntensityConfig`.
-LEARNED = "learned"
+
+QUALITY = {
+    # frames per (vertebra, view), samples per frame and view, epochs
+    "tiny": (1, 4, 2),
+    "quick": (6, 40, 20),
+    "full": (8, 48, 30),
+}
 
 
-# -- poses ----------------------------------------------------------------------------------------
-def seed_like_perturbations(T_gt: torch.Tensor, center_ct_mm: torch.Tensor, intrinsics, n: int, rng: np.random.Generator,
-                            rot_sd_deg: float = 20.0, inplane_sd_mm: float = 30.0, depth_sd_mm: float = 60.0, truncate_sd: float = 2.0,
-                            scale=None, fov_fraction: float = 0.8) -> tuple:
-    """Perturbations drawn like the seed's test starts, kept where the target stays in view.
-
-    Rotations ``N(0, rot_sd_deg)`` about each optical axis through the target's centre, in-plane
-    translation ``N(0, inplane_sd_mm)``, depth ``N(0, depth_sd_mm)``, each truncated at
-    ``truncate_sd`` standard deviations, times ``scale`` (a float or a callable ``rng -> float``
-    drawn per pose; default 1); redrawn until the centre projects into the central
-    ``fov_fraction`` of the frame.
-
-    Parameters
-    ----------
-    T_gt : torch.Tensor
-        ``(4, 4)`` true ``T_optical_from_ct``, mm.
-    center_ct_mm : torch.Tensor
-        ``(3,)`` target centre, CT frame, mm.
-    intrinsics : CArmIntrinsics
-        Camera of the frame.
-    n : int
-        Number of perturbations.
-    rng : numpy.random.Generator
-        Random source.
-
-    Returns
-    -------
-    tuple
-        ``xi`` ``(n, 6)`` float64 (rad, mm) and ``T`` ``(n, 4, 4)`` float64 poses ``P(xi) @ T_gt``.
-    """
-    from .register import perturb_about
-
-    T_gt = torch.as_tensor(T_gt, dtype=torch.float64)
-    c = torch.as_tensor(center_ct_mm, dtype=torch.float64)
-    c_opt = T_gt[:3, :3] @ c + T_gt[:3, 3]
-    K = intrinsics.K(torch.float64)
-    sd = np.array([math.radians(rot_sd_deg)] * 3 + [inplane_sd_mm, inplane_sd_mm, depth_sd_mm])
-    lo, hi = 0.5 * (1 - fov_fraction), 0.5 * (1 + fov_fraction)
-    xis, Ts = [], []
-    tries = 0
-    while len(xis) < n:
-        tries += 1
-        if tries > 1000 * max(1, n):
-            raise ConfigError("could not draw perturbations that keep the target in the field of view")
-        s = 1.0 if scale is None else (scale(rng) if callable(scale) else float(scale))
-        xi = torch.as_tensor(np.clip(rng.standard_normal(6), -truncate_sd, truncate_sd) * sd * s, dtype=torch.float64)
-        T = perturb_about(xi[None], c_opt[None])[0] @ T_gt
-        p = T[:3, :3] @ c + T[:3, 3]
-        if p[2] <= 0:
-            continue
-        u, v = float(K[0, 0] * p[0] / p[2] + K[0, 2]), float(K[1, 1] * p[1] / p[2] + K[1, 2])
-        if lo * intrinsics.width <= u <= hi * intrinsics.width and lo * intrinsics.height <= v <= hi * intrinsics.height:
-            xis.append(xi)
-            Ts.append(T)
-    if not xis:
-        return torch.zeros(0, 6, dtype=torch.float64), torch.zeros(0, 4, 4, dtype=torch.float64)
-    return torch.stack(xis), torch.stack(Ts)
-
-
+# -- poses and losses ----------------------------------------------------------------------------
 def scaled_parameters(xi: torch.Tensor, rho_mm: float = ROT_RADIUS_MM) -> torch.Tensor:
     """``(..., 6)`` ``u = (rho w, v)`` (mm) of ``xi = (w [rad], v [mm])``."""
     s = torch.tensor([rho_mm] * 3 + [1.0] * 3, dtype=xi.dtype, device=xi.device)
@@ -184,7 +135,7 @@ def similarity_samples(reg, image_att, intrinsics, T_gt: torch.Tensor, n: int, s
 
     A fraction ``near_fraction`` of the perturbations is drawn like the seed's starts scaled by a
     factor uniform in ``near_scale`` (close to the truth, where the fine alignment is learned); the
-    rest like the seed's starts (:func:`seed_like_perturbations`).
+    rest like the seed's starts (:func:`reg2d3d_ros.eval.starts.seed_like_perturbations`).
 
     Parameters
     ----------
@@ -212,7 +163,7 @@ def similarity_samples(reg, image_att, intrinsics, T_gt: torch.Tensor, n: int, s
         ``jac`` ``(n, 6, S, S)`` float16 ``dI_m/dxi`` (per rad, per mm); ``xi`` ``(n, 6)`` float64.
     """
     from ..drr import downsample
-    from .register import perturb_about
+    from ..intensity.register import perturb_about
 
     rng = np.random.default_rng(seed)
     T_gt = torch.as_tensor(T_gt, dtype=torch.float64)
@@ -233,85 +184,6 @@ def similarity_samples(reg, image_att, intrinsics, T_gt: torch.Tensor, n: int, s
             moving.append(img[0])
             jac.append(((img[1:7] - img[7:13]) / (2 * steps[:, None, None].float())).half())
     return {"fixed": fixed.float().contiguous(), "moving": torch.stack(moving), "jac": torch.stack(jac), "xi": xi}
-
-
-# -- the metric -----------------------------------------------------------------------------------
-class LearnedSimilarity:
-    """A trained :class:`~reg2d3d_ros.nets.similarity.SimilarityNet` used as a similarity metric.
-
-    Parameters
-    ----------
-    net : SimilarityNet
-        The network (put in eval mode).
-    meta : dict
-        Training metadata (saved with the model).
-    """
-
-    def __init__(self, net, meta: dict | None = None):
-        self.net = net.eval()
-        for p in self.net.parameters():
-            p.requires_grad_(False)
-        self.meta = dict(meta or {})
-
-    @property
-    def input_size(self) -> int:
-        """Side of the network's square input, pixels."""
-        return self.net.input_size
-
-    def to(self, device) -> "LearnedSimilarity":
-        """Move the network to ``device``; returns self."""
-        self.net.to(device)
-        return self
-
-    def _resize(self, img: torch.Tensor) -> torch.Tensor:
-        s = self.input_size
-        if tuple(img.shape[-2:]) == (s, s):
-            return img
-        mode = "area" if img.shape[-2] >= s and img.shape[-1] >= s else "bilinear"
-        kw = {} if mode == "area" else {"align_corners": False}
-        return F.interpolate(img, size=(s, s), mode=mode, **kw)
-
-    def dissimilarity(self, moving: torch.Tensor, fixed) -> torch.Tensor:
-        """``L_net`` ``(B,)`` (dtype of ``moving``) of moving ``(B, h, w)`` and fixed ``(h, w)`` or ``(B, h, w)`` images."""
-        if not torch.is_tensor(moving) or moving.ndim != 3:
-            raise ConfigError(f"moving images must be a (B, H, W) tensor, got {getattr(moving, 'shape', type(moving))}")
-        fixed = torch.as_tensor(fixed).to(device=moving.device)
-        fixed = fixed[None] if fixed.ndim == 2 else fixed
-        if fixed.ndim != 3 or fixed.shape[-2:] != moving.shape[-2:] or fixed.shape[0] not in (1, moving.shape[0]):
-            raise ConfigError(f"fixed image of shape {tuple(fixed.shape)} does not match the moving images {tuple(moving.shape)}")
-        dev = next(self.net.parameters()).device
-        dt = next(self.net.parameters()).dtype
-        m = self._resize(moving[:, None].to(device=dev, dtype=dt))
-        x = self._resize(fixed[:, None].to(device=dev, dtype=dt))
-        return self.net(x, m).to(dtype=moving.dtype, device=moving.device)
-
-    def __call__(self, moving: torch.Tensor, fixed, mask=None) -> torch.Tensor:
-        """Similarity ``1 - L_net`` ``(B,)``; ``mask`` is accepted for the metric interface and ignored (the network sees the whole frame)."""
-        return 1.0 - self.dissimilarity(moving, fixed)
-
-    def save(self, path) -> None:
-        """Write the model file (plain tensors and JSON, ``weights_only`` loadable)."""
-        sd = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"format": FORMAT, "version": VERSION, "arch_json": json.dumps(self.net.arch), "meta_json": json.dumps(self.meta), "state_dict": sd}, Path(path))
-
-    @classmethod
-    def load(cls, path, device=None) -> "LearnedSimilarity":
-        """Load a model file; raises :class:`ModelLoadError` with the reason if it is unusable."""
-        from ..engines import read_model_blob
-        from ..nets.similarity import SimilarityNet
-
-        blob = read_model_blob(path, FORMAT, VERSION, "learned similarity model", "train it with python -m reg2d3d_ros.train_similarity")
-        try:
-            arch = json.loads(blob["arch_json"])
-            net = SimilarityNet(**arch)
-            net.load_state_dict(blob["state_dict"])
-            meta = json.loads(blob["meta_json"])
-        except Exception as exc:
-            raise ModelLoadError(f"learned similarity model {path} does not match the network "
-                                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
-        out = cls(net, meta)
-        return out.to(device) if device is not None else out
 
 
 # -- training -------------------------------------------------------------------------------------
@@ -400,12 +272,11 @@ def train_similarity(train: list, val: list, cfg: SimilarityTrainConfig, checkpo
         ``(LearnedSimilarity, history)``; ``history`` has one dict per epoch.
     """
     from ..nets.similarity import SimilarityNet
-    from ..progress import bar as _bar, end_line
-    from ..scr.train import _distributed, _lr_at, _resume, _save
+    from ..progress import bar, end_line
 
     if not train:
         raise ConfigError("no training samples")
-    rank, world = _distributed()
+    rank, world = distributed()
     torch.manual_seed(cfg.seed)
     net = SimilarityNet(cfg.input_size, cfg.channels, cfg.coupling_blocks, cfg.heads).to(device)
     log_sigma = torch.nn.Parameter(torch.zeros(2, device=device))
@@ -415,7 +286,7 @@ def train_similarity(train: list, val: list, cfg: SimilarityTrainConfig, checkpo
     meta = {"config": asdict(cfg), "n_train": len(_index(train)), "n_val": len(_index(val))}
     history, start, best_state = [], 0, None
     if checkpoint is not None:
-        history, start, resumed = _resume(Path(checkpoint), meta, trainable, opt)
+        history, start, resumed = resume(Path(checkpoint), meta, trainable, opt)
         if resumed and progress and rank == 0:
             print(f"resuming the learned similarity at epoch {start}", file=sys.stderr)
     model = trainable
@@ -424,8 +295,7 @@ def train_similarity(train: list, val: list, cfg: SimilarityTrainConfig, checkpo
     idx = _index(train)
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(cfg, epoch)
+        set_lr(opt, constant_then_cosine_lr(cfg.lr, cfg.epochs, epoch))
         order = np.random.default_rng(cfg.seed + epoch).permutation(len(idx))
         batches = [order[b : b + cfg.batch_size] for b in range(0, len(order), cfg.batch_size)]
         batches = batches[rank::world]
@@ -443,10 +313,10 @@ def train_similarity(train: list, val: list, cfg: SimilarityTrainConfig, checkpo
             tot["decomp"] += float(l_decomp.detach())
             tot["loss"] += float(loss.detach())
             if progress and rank == 0:
-                _bar(f"similarity epoch {epoch + 1}/{cfg.epochs}", bi + 1, len(batches), time.time() - t0)
+                bar(f"similarity epoch {epoch + 1}/{cfg.epochs}", bi + 1, len(batches), time.time() - t0)
         if rank != 0:
             continue
-        row = {"epoch": epoch, "lr": _lr_at(cfg, epoch), "seconds": round(time.time() - t0, 1)}
+        row = {"epoch": epoch, "lr": constant_then_cosine_lr(cfg.lr, cfg.epochs, epoch), "seconds": round(time.time() - t0, 1)}
         row |= {f"train_{k}": v / max(1, len(batches)) for k, v in tot.items()}
         row["train_angle_deg"] = math.degrees(row["train_appro"])
         row["sigma"] = [float(s) for s in torch.exp(log_sigma.detach()).cpu()]
@@ -458,7 +328,7 @@ def train_similarity(train: list, val: list, cfg: SimilarityTrainConfig, checkpo
                   f"val angle mean {row['val_angle_mean_deg']:.1f} median {row['val_angle_median_deg']:.1f} deg, "
                   f"descent {100 * row['val_descent_fraction']:.0f} %, in-plane angle {row['val_inplane_angle_mean_deg']:.1f} deg", file=sys.stderr)
         if checkpoint is not None:
-            _save(Path(checkpoint), epoch, trainable, opt, meta, history)
+            save_checkpoint(Path(checkpoint), epoch, trainable, opt, meta, history)
             best_epoch = min(range(len(history)), key=lambda i: history[i]["val_angle_mean_deg"])
             if best_epoch == len(history) - 1:
                 torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, Path(checkpoint).with_suffix(".best"))
@@ -485,3 +355,94 @@ class _WithSigma(torch.nn.Module):
 
     def forward(self, fixed, moving, return_features: bool = False):
         return self.net(fixed, moving, return_features=return_features)
+
+
+# -- the command ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    ap = training_parser("python -m reg2d3d_ros.similarity.train", __doc__.split("\n\n")[0], "models/similarity", "build/similarity_cache",
+                         "similarity.pt / similarity.json", QUALITY, ("--samples", "moving images per frame and view"), 256, 4000)
+    ap.add_argument("--input-size", type=int, default=128, help="network input, pixels (size / 2 avoids resizing)")
+    ap.add_argument("--device", default="cpu", help="training device (cpu, cuda, cuda:N; under torchrun each rank takes its local GPU)")
+    return ap
+
+
+def collect(ct, vertebrae, frames_per_view: int, n_samples: int, size: int, seed: int, cache: Path, progress: bool = True) -> dict:
+    """``{vertebra: [sample dict, ...]}`` (one dict per case), computing and caching what is missing."""
+    from ..intensity import IntensityRegistrator
+
+    def per_frame(reg, cases):
+        return [similarity_samples(reg, c.image_att, c.intrinsics, c.T_gt, n_samples, seed=c.seed + 7) for c in cases]
+
+    out = {}
+    for vert, rows in cached_training_frames(ct, vertebrae, frames_per_view, n_samples, 30.0, size, seed, cache, "sim_", per_frame,
+                                             "similarity samples", progress, make_registrator=IntensityRegistrator.from_ct):
+        out.setdefault(vert, []).extend(rows)
+    return out
+
+
+def _run(args) -> int:
+    import os
+
+    import torch
+
+    from ..intensity.metrics import gradient_correlation, ncc
+
+    args.starts = args.samples
+    ct, vertebrae, frames, samples, epochs = training_setup(args, QUALITY)
+    if args.input_size % 8 or args.input_size < 16:
+        raise ConfigError(f"--input-size must be a multiple of 8 and at least 16, got {args.input_size}")
+    device = args.device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: CUDA is not available here")
+    from ..progress import Steps
+
+    t0 = time.time()
+    step = Steps(3, stream=sys.stderr, enabled=int(os.environ.get("RANK", "0")) == 0)
+    step(f"collecting training samples of {', '.join(vertebrae)} (cached in {args.cache})")
+    data = collect(ct, vertebrae, frames, samples, args.size, args.seed, args.cache)
+    t_data = time.time() - t0
+    train = [s for v in vertebrae[:-1] for s in data[v]]
+    val = data[vertebrae[-1]]
+    n_tr, n_va = sum(len(s["xi"]) for s in train), sum(len(s["xi"]) for s in val)
+    step.note(f"{n_tr} training, {n_va} validation samples ({t_data:.0f} s)")
+    cfg = SimilarityTrainConfig(epochs=epochs, input_size=args.input_size, seed=args.seed)
+    step(f"training the learned similarity ({epochs} epochs, device {device})")
+    model, hist = train_similarity(train, val, cfg, checkpoint=args.cache / f"similarity_s{args.seed}_{'-'.join(vertebrae)}_f{frames}_n{samples}.ckpt", device=device)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    baselines = {}
+    step("validation angles of gradient correlation and NCC (the baselines)")
+    for name, fn in (("gc", gradient_correlation), ("ncc", ncc)):
+        a = baseline_angles(val, fn, cfg.rot_radius_mm)
+        ai = baseline_angles(val, fn, cfg.rot_radius_mm, dims=IN_PLANE)
+        baselines[name] = {"val_angle_mean_deg": float(a.mean()), "val_angle_median_deg": float(sorted(a)[len(a) // 2]),
+                           "val_descent_fraction": float((a < 90).mean()), "val_inplane_angle_mean_deg": float(ai.mean())}
+    meta = {"vertebrae": vertebrae, "frames_per_view": frames, "samples": samples, "size": args.size, "epochs": epochs, "seed": args.seed,
+            "seconds_data": round(t_data), "seconds_total": round(time.time() - t0), "baselines_unmasked": baselines}
+    model.meta.update(meta)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save(args.out / "similarity.pt")
+    (args.out / "similarity.json").write_text(json.dumps({"meta": model.meta, "history": hist}, indent=1))
+    best = hist[model.meta["best_epoch"]] if hist else {}
+    if best:
+        print(f"learned: validation gradient angle mean {best['val_angle_mean_deg']:.1f} deg, median {best['val_angle_median_deg']:.1f}, "
+              f"descent {100 * best['val_descent_fraction']:.0f} %, in-plane {best['val_inplane_angle_mean_deg']:.1f} deg (epoch {best['epoch'] + 1})")
+    for name, b in baselines.items():
+        print(f"{name}: validation gradient angle mean {b['val_angle_mean_deg']:.1f} deg, median {b['val_angle_median_deg']:.1f}, "
+              f"descent {100 * b['val_descent_fraction']:.0f} %, in-plane {b['val_inplane_angle_mean_deg']:.1f} deg")
+    print(f"wrote {args.out / 'similarity.pt'} ({round(time.time() - t0)} s)")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point."""
+    args = build_parser().parse_args(argv)
+    return run_cli(lambda: _run(args), "python -m reg2d3d_ros.similarity.train")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

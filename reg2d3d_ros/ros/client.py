@@ -1,8 +1,11 @@
-"""Helpers to drive the node on a real ROS 2 graph: node processes, an isolated client participant.
+"""A client of the registration node on a real ROS 2 graph: the node as a process, an isolated participant.
 
-Used by the node tests, the node benchmark and the demo. :func:`graph_env` gives each run its
-own ``ROS_DOMAIN_ID`` and the large-data transport; :class:`TestGraph` is a client participant
-spinning in a background thread that collects ``(receive time, message)`` per topic.
+:func:`graph_env` gives each run its own ``ROS_DOMAIN_ID``, log folder and the large-data
+transport; :func:`start_node` starts the node through its public entry point
+(``python -m reg2d3d_ros.ros.node --ros-args -p ...``); :class:`GraphClient` is a participant
+spinning in a background thread that collects ``(receive time, message)`` per topic. Used by
+:mod:`.session` (the demo and ``trial``); the tests' harness (``test/ros_graph.py``) and the node
+benchmark build on it.
 """
 
 from __future__ import annotations
@@ -16,10 +19,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-
-import numpy as np
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 _USED_DOMAINS: set[int] = set()
@@ -64,26 +63,26 @@ def graph_env(tmp_path: Path, domain_id: int | None = None) -> dict:
     return env
 
 
-def start_node(env: dict, params: dict, log_path: Path) -> subprocess.Popen:
-    """Start ``python -m reg2d3d_ros.registration_node`` with parameters as a real process."""
-    args = [sys.executable, "-m", "reg2d3d_ros.registration_node", "--ros-args"]
+def start_node(env: dict, params: dict, log_path: Path, cwd: Path | None = None) -> subprocess.Popen:
+    """Start the node (``python -m reg2d3d_ros.ros.node --ros-args -p name:=value ...``) as a process, its output in ``log_path``."""
+    args = [sys.executable, "-m", "reg2d3d_ros.ros.node", "--ros-args"]
     for k, v in params.items():
         args += ["-p", f"{k}:={v}"]
     log = open(log_path, "w")
-    return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
 
 
 def dump_stacks_and_kill(proc: subprocess.Popen) -> None:
     """Ask a hung process of this project for its threads' stacks (SIGUSR1, see
-    :func:`..ros.lifecycle.enable_stack_dumps`; they go to its stderr), then kill it."""
+    :func:`.lifecycle.enable_stack_dumps`; they go to its stderr), then kill it."""
     proc.send_signal(signal.SIGUSR1)
     time.sleep(1.0)
     proc.kill()
 
 
-def run_tool(args: list, env: dict, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def run_tool(args: list, env: dict, timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """``subprocess.run(args, capture_output=True, text=True)``; past ``timeout`` the tool prints its
-    threads' stacks (SIGUSR1, see :func:`..ros.lifecycle.enable_stack_dumps`), is killed, and a
+    threads' stacks (SIGUSR1, see :func:`.lifecycle.enable_stack_dumps`), is killed, and a
     ``TimeoutError`` carries its output."""
     proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -98,17 +97,6 @@ def run_tool(args: list, env: dict, timeout: float, cwd: Path = REPO) -> subproc
         proc.wait()
         raise
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
-
-
-def process_report(proc: subprocess.Popen, log_path: Path, lines: int = 40) -> str:
-    """Exit status and the last ``lines`` lines of a process's log (for a failure message)."""
-    rc = proc.poll()
-    state = "running" if rc is None else f"exited with {rc}"
-    try:
-        tail = Path(log_path).read_text(errors="replace").splitlines()[-lines:]
-    except OSError as e:
-        tail = [f"(log unreadable: {e})"]
-    return f"process {proc.pid} {state}; last lines of {log_path}:\n" + "\n".join("  | " + l for l in tail)
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> bool:
@@ -131,10 +119,11 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> bool:
         return False
 
 
-class TestGraph:
-    """A test-side rclpy participant in the test's domain, spinning in a background thread."""
+class GraphClient:
+    """An rclpy participant in the domain of ``env`` (:func:`graph_env`), spinning in a background thread."""
 
-    __test__ = False  # not a pytest class
+    #: Name of the participant's node on the graph.
+    NODE_NAME = "reg2d3d_graph_client"
 
     def __init__(self, env: dict):
         import rclpy
@@ -147,7 +136,7 @@ class TestGraph:
         os.environ["FASTDDS_BUILTIN_TRANSPORTS"] = env["FASTDDS_BUILTIN_TRANSPORTS"]
         self.context = Context()
         rclpy.init(context=self.context, domain_id=int(env["ROS_DOMAIN_ID"]))
-        self.node = rclpy.create_node("reg2d3d_test_graph", context=self.context)
+        self.node = rclpy.create_node(self.NODE_NAME, context=self.context)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.node)
         self.lock = threading.Lock()
@@ -234,21 +223,6 @@ def last_diagnostics(received: list) -> dict:
     return {}
 
 
-def image_msg(arr: np.ndarray, encoding: str, stamp_ns: int, frame_id: str = "carm_optical"):
-    """A sensor_msgs/Image of an array (any dtype matching the encoding's size)."""
-    from sensor_msgs.msg import Image
-
-    msg = Image()
-    msg.header.stamp.sec, msg.header.stamp.nanosec = int(stamp_ns // 10**9), int(stamp_ns % 10**9)
-    msg.header.frame_id = frame_id
-    msg.height, msg.width = arr.shape[:2]
-    msg.encoding = encoding
-    msg.is_bigendian = 0
-    msg.step = arr.strides[0]
-    msg.data = np.ascontiguousarray(arr).tobytes()
-    return msg
-
-
 def pose_msg(T_optical_from_ct_mm, frame_id: str = "carm_optical"):
     """A ``geometry_msgs/PoseStamped`` (metres) of a ``(4, 4)`` pose in mm (stamp left at zero)."""
     import torch
@@ -263,13 +237,3 @@ def pose_msg(T_optical_from_ct_mm, frame_id: str = "carm_optical"):
     o = msg.pose.orientation
     o.x, o.y, o.z, o.w = quat.tolist()
     return msg
-
-
-def sequence_frame_msg(seq, i: int, stamp_ns: int | None = None):
-    """Frame ``i`` of a simulated sequence as a ``sensor_msgs/Image`` (its encoding; its stamp unless given)."""
-    from ..images import encode_image
-
-    f = encode_image(seq.images[i], seq.encoding)
-    dtype = {"mono8": np.uint8, "mono16": np.uint16, "32FC1": np.float32}[f["encoding"]]
-    arr = np.frombuffer(f["data"], dtype).reshape(f["height"], f["width"])
-    return image_msg(arr, f["encoding"], int(seq.stamps_ns[i]) if stamp_ns is None else stamp_ns, seq.frame_id)
