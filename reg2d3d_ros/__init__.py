@@ -27,6 +27,9 @@ Methods:
 
 The whole:
 
+- :mod:`reg2d3d_ros.settings`: every setting of the node and the pipeline, defined once (name,
+  default, unit, range, description); the pipeline's config, the node's parameters and
+  ``config/registration.yaml`` are derived from it;
 - :mod:`reg2d3d_ros.pipeline`: the registration pipeline the node runs (:mod:`reg2d3d_ros.viz`:
   its overlays);
 - :mod:`reg2d3d_ros.training`: what the methods' training commands share;
