@@ -356,9 +356,7 @@ class RegistrationPipeline:
         if judged is None:
             judged = self._judge(result, mode, image, intr)
         why, peak, score, gc, reference = judged["why"], judged["peak"], judged["score"], judged["gc"], judged["reference"]
-        with self._lock:
-            recent = list(self._recent_inliers)
-            recent_gc = list(self._recent_gc)
+        recent, recent_gc = judged["recent"], judged["recent_gc"]
         ok = not why
         details = {"mode": mode, "iterations": result.iterations, "correspondences": result.n_correspondences, "mean_ngc": result.mean_ngc,
                    "reference_inlier_fraction": reference, **scr_details}
@@ -422,8 +420,9 @@ class RegistrationPipeline:
         Returns a dict: ``why`` (empty when the pose may be published, else the reason it may
         not), ``peak`` (:class:`~reg2d3d_ros.ppc.search.PeakCheck` or None), ``score`` (the
         frame's :class:`~reg2d3d_ros.ppc.search.GradientCorrelation` or None), ``gc`` (the
-        acceptance gradient correlation of an initialisation or None) and ``reference`` (the
-        recent inlier fraction or None).
+        acceptance gradient correlation of an initialisation or None), ``reference`` (the
+        recent inlier fraction or None) and ``recent`` / ``recent_gc`` (the inlier fractions and
+        gradient correlations of the last accepted frames it was judged against).
         """
         cfg = self.config
         with self._lock:
@@ -470,7 +469,7 @@ class RegistrationPipeline:
                 if gc < cfg.accept_gradient_correlation:
                     why = (f"initialisation rejected: gradient correlation {gc:.3f} < accept_gradient_correlation "
                            f"{cfg.accept_gradient_correlation} (wrong optimum?); publish a better initial pose or call ~/reset")
-        return {"why": why, "peak": peak, "score": score, "gc": gc, "reference": reference}
+        return {"why": why, "peak": peak, "score": score, "gc": gc, "reference": reference, "recent": recent, "recent_gc": recent_gc}
 
     def _min_correspondences(self, T: torch.Tensor, intr: CArmIntrinsics, mode: str) -> int:
         """``min_correspondences``, lowered where the target shows fewer contour points at this pose (small or coarse targets)."""

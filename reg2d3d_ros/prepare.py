@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, run_cli
-from .volume import add_label_arguments
+from .volume import add_ct_arguments
 
 #: Presets of the time/quality knob: training views, epochs, batch size.
 QUALITY = {
@@ -60,11 +60,7 @@ QUALITY = {
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
     ap = argparse.ArgumentParser(prog="python -m reg2d3d_ros.prepare", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ct", required=True, help="CT file (NIfTI, NRRD, MHA) or DICOM folder")
-    ap.add_argument("--labels", required=True, help="label map of the CT (TotalSegmentator-style)")
-    ap.add_argument("--label-table", default=None, help="CSV of label names, columns structure,id (default: TotalSegmentator's names, "
-                    "built in: --label-set)")
-    add_label_arguments(ap)
+    add_ct_arguments(ap)
     ap.add_argument("--target", default="T8", help="structure the node registers: a vertebra (T8), a TotalSegmentator name "
                     "(vertebrae_T8) or a label id")
     ap.add_argument("--out", type=Path, required=True, help="model folder to write (the node's models_dir)")

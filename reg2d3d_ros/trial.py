@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, run_cli
-from .volume import add_label_arguments
+from .volume import add_ct_arguments
 
 #: Frame size of each tier, pixels.
 TIER_SIZE = {"tiny": 128, "quick": 256}
@@ -76,7 +76,7 @@ def node_parameter_overrides(items) -> dict:
         Not ``NAME=VALUE``, an unknown parameter, one the trial sets itself, or a wrong value
         (the node's message: the parameter, its unit and range).
     """
-    from .ros.node import _SPECS, check_parameter
+    from .settings import BY_NAME, setting
 
     own = {"ct_path", "labels_path", "label_table_path", "label_set", "resample_labels", "target", "intensity", "models_dir"}
     out = {}
@@ -86,7 +86,7 @@ def node_parameter_overrides(items) -> dict:
         name, text = (x.strip() for x in item.split("=", 1))
         if name in own:
             raise ConfigError(f"--set {name}: the trial sets this parameter itself (use its own option)")
-        if name not in _SPECS:
+        if name not in BY_NAME:
             raise ConfigError(f"--set: unknown node parameter {name!r} (see config/registration.yaml)")
         value: object = text
         if text.lower() in ("true", "false"):
@@ -98,7 +98,7 @@ def node_parameter_overrides(items) -> dict:
                     break
                 except ValueError:
                     pass
-        out[name] = check_parameter(name, value)
+        out[name] = setting(name).check(value)
     return out
 
 
@@ -306,11 +306,7 @@ def write_report(out: Path, record: dict, seconds: float) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
     ap = argparse.ArgumentParser(prog="python -m reg2d3d_ros.trial", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ct", required=True, help="CT file (NIfTI, NRRD, MHA) or DICOM folder")
-    ap.add_argument("--labels", required=True, help="label map of the CT (TotalSegmentator-style)")
-    ap.add_argument("--label-table", default=None, help="CSV of label names, columns structure,id (default: TotalSegmentator's names, "
-                    "built in: --label-set)")
-    add_label_arguments(ap)
+    add_ct_arguments(ap)
     ap.add_argument("--target", required=True, help="structure to register: a vertebra (L3), a TotalSegmentator name or a label id")
     ap.add_argument("--out", type=Path, required=True, help="output folder (everything the trial writes goes under it)")
     ap.add_argument("--tier", choices=sorted(TIER_SIZE), default="quick", help="tiny: 2 sequences of 2-3 frames at 128x128 (CI); quick: 5 of 6-16 frames at 256x256")

@@ -348,24 +348,52 @@ def read_rows(results: Path) -> tuple:
     return seqs, [r for r in frames if r["key"] in keys]
 
 
+def _open_ct(source: "CTSource | None" = None) -> tuple:
+    """``(paths, ct, cache_root, setup)`` of a benchmark CT: ``source``, or the built-in example (``cache_root`` None)."""
+    from ..example import example_paths
+    from ..sim import CArmSetup
+    from ..volume import load_ct
+
+    if source is None:
+        ex = example_paths()
+        paths, cache_root = CTSource(str(ex.ct), str(ex.labels), str(ex.label_table)), None
+    else:
+        paths, cache_root = source, ct_cache_root(source)
+    ct = load_ct(paths.ct, labels_path=paths.labels, label_table=paths.label_table, label_set=paths.label_set,
+                 resample_labels=paths.resample_labels)
+    return paths, ct, cache_root, CArmSetup().at_size(SIZE)
+
+
+def _pipeline_for(pipes: dict, paths: "CTSource", vertebra: str, overrides: dict, intensity: str):
+    """The loaded pipeline of ``vertebra`` (made once per run, kept in ``pipes``), set to what this source's pixel values mean."""
+    if vertebra not in pipes:
+        labels_settings = {"label_set": paths.label_set, "resample_labels": paths.resample_labels}
+        pipes[vertebra] = make_pipeline(str(paths.ct), str(paths.labels), str(paths.label_table or ""), vertebra,
+                                        {**labels_settings, **overrides}, intensity)
+    pipe = pipes[vertebra]
+    pipe.config = replace(pipe.config, intensity=intensity)  # as the node's intensity parameter says
+    return pipe
+
+
+def _target_points(ct, vertebra: str) -> torch.Tensor:
+    """``(N, 3)`` float64 points of the target (CT frame, mm) the metrics are computed on."""
+    from ..volume import resolve_label
+
+    return torch.from_numpy(ct.label_points_ct_mm([resolve_label(vertebra, ct.label_names)], max_points=1000, seed=0))
+
+
 def render_only(specs: list, progress: bool = True) -> int:
     """Render (and cache) the frames of ``specs`` without running the pipeline; returns the number rendered.
 
     The frames do not depend on the pipeline's settings, so a long tier's rendering can run ahead
     (e.g. in the background while the pipeline is being changed).
     """
-    from ..example import example_paths
-    from ..sim import CArmSetup
-    from ..volume import load_ct
-
-    ex = example_paths()
-    ct = load_ct(ex.ct, labels_path=ex.labels, label_table=ex.label_table)
-    setup = CArmSetup().at_size(SIZE)
+    paths, ct, cache_root, setup = _open_ct()
     renderers: dict = {}
     t0 = time.perf_counter()
     for i, spec in enumerate(specs):
         poses = sequence_poses(ct, spec, setup)
-        sequence_frames(ct, str(ex.ct), spec, setup, poses, renderers)
+        sequence_frames(ct, str(paths.ct), spec, setup, poses, renderers, cache_root=cache_root)
         if progress:
             print(f"[{i + 1}/{len(specs)}] rendered {spec.key} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return len(specs)
@@ -377,10 +405,6 @@ def run(specs: list, out: Path, overrides: dict | None = None, progress: bool = 
     ``source``: another CT than the built-in example (its rendered components are cached by
     :func:`ct_cache_root`); the specs' vertebrae must be labelled in it.
     """
-    from ..example import example_paths
-    from ..sim import CArmSetup
-    from ..volume import load_ct, resolve_label
-
     overrides = dict(overrides or {})
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
@@ -390,27 +414,15 @@ def run(specs: list, out: Path, overrides: dict | None = None, progress: bool = 
         print(f"benchmark: {len(specs)} sequences, {len(specs) - len(todo)} already in {results}, {len(todo)} to run", flush=True)
     if not todo:
         return results
-    if source is None:
-        ex = example_paths()
-        paths, cache_root = CTSource(str(ex.ct), str(ex.labels), str(ex.label_table)), None
-    else:
-        paths, cache_root = source, ct_cache_root(source)
-    ct = load_ct(paths.ct, labels_path=paths.labels, label_table=paths.label_table, label_set=paths.label_set,
-                 resample_labels=paths.resample_labels)
-    labels_settings = {"label_set": paths.label_set, "resample_labels": paths.resample_labels}
-    setup = CArmSetup().at_size(SIZE)
+    paths, ct, cache_root, setup = _open_ct(source)
     pipes, renderers = {}, {}
     t_all = time.perf_counter()
     for i, spec in enumerate(todo):
         t0 = time.perf_counter()
         poses = sequence_poses(ct, spec, setup)
         frames, encoding, intensity, meta = sequence_frames(ct, str(paths.ct), spec, setup, poses, renderers, cache_root=cache_root)
-        if spec.vertebra not in pipes:
-            pipes[spec.vertebra] = make_pipeline(str(paths.ct), str(paths.labels), str(paths.label_table or ""), spec.vertebra,
-                                                 {**labels_settings, **overrides}, intensity)
-        pipe = pipes[spec.vertebra]
-        pipe.config = replace(pipe.config, intensity=intensity)  # what this source's pixel values mean, as the node's parameter says
-        pts = torch.from_numpy(ct.label_points_ct_mm([resolve_label(spec.vertebra, ct.label_names)], max_points=1000, seed=0))
+        pipe = _pipeline_for(pipes, paths, spec.vertebra, overrides, intensity)
+        pts = _target_points(ct, spec.vertebra)
         t1 = time.perf_counter()
         rows = run_sequence(pipe, spec, frames, encoding, poses, pts, setup)
         seq_row = {"kind": "sequence", "key": spec.key, **asdict(spec), "encoding": encoding, "intensity": intensity,
@@ -441,10 +453,7 @@ def run_single_frame(specs: list, out: Path, n_starts: int, overrides: dict | No
     the acceptance checks). One row per start in ``out/single_frame.jsonl`` (appended as it goes;
     a frame whose every start is there is skipped when run again).
     """
-    from ..example import example_paths
     from ..images import encode_image
-    from ..sim import CArmSetup
-    from ..volume import load_ct, resolve_label
     from .metrics import mrpd, mtre
     from .starts import random_starts
 
@@ -464,19 +473,14 @@ def run_single_frame(specs: list, out: Path, n_starts: int, overrides: dict | No
         print(f"single frame: {len(specs)} frames x {n_starts} starts, {len(specs) - len(todo)} frames already in {results}", flush=True)
     if not todo:
         return results
-    ex = example_paths()
-    ct = load_ct(ex.ct, labels_path=ex.labels, label_table=ex.label_table)
-    setup = CArmSetup().at_size(SIZE)
+    paths, ct, cache_root, setup = _open_ct()
     ci = setup.intrinsics().to_camera_info()
     pipes, renderers = {}, {}
     for spec in todo:
         poses = sequence_poses(ct, spec, setup)
-        frames, encoding, intensity, _ = sequence_frames(ct, str(ex.ct), spec, setup, poses, renderers)
-        if spec.vertebra not in pipes:
-            pipes[spec.vertebra] = make_pipeline(str(ex.ct), str(ex.labels), str(ex.label_table), spec.vertebra, overrides, intensity)
-        pipe = pipes[spec.vertebra]
-        pipe.config = replace(pipe.config, intensity=intensity)
-        pts = torch.from_numpy(ct.label_points_ct_mm([resolve_label(spec.vertebra, ct.label_names)], max_points=1000, seed=0))
+        frames, encoding, intensity, _ = sequence_frames(ct, str(paths.ct), spec, setup, poses, renderers, cache_root=cache_root)
+        pipe = _pipeline_for(pipes, paths, spec.vertebra, overrides, intensity)
+        pts = _target_points(ct, spec.vertebra)
         starts, _ = random_starts(poses[0], pts, n_starts, max_mtre_mm=SINGLE_FRAME_MAX_MTRE_MM, seed=spec.seed)
         e = encode_image(frames[0], encoding)
         for k in range(done.get(spec.key, 0), n_starts):

@@ -86,22 +86,6 @@ def moving_gradient_and_footprint(registrator, T: torch.Tensor, intr):
     return grad, mag > 0.02 * float(mag.max())
 
 
-def _fast_len(n: int) -> int:
-    """The smallest ``2^a 3^b 5^c >= n`` (a size the FFT handles fast; the next power of two can be twice as large)."""
-    best = 1 << (n - 1).bit_length()
-    p5 = 1
-    while p5 < best:
-        p35 = p5
-        while p35 < best:
-            v = p35
-            while v < n:
-                v *= 2
-            best = min(best, v)
-            p35 *= 3
-        p5 *= 5
-    return best
-
-
 def ngc_map(grad_fixed: torch.Tensor, grad_moving: torch.Tensor, footprint: torch.Tensor, max_shift_px: int) -> torch.Tensor:
     """NGC of a moving gradient field against a fixed one for every integer shift.
 
@@ -125,7 +109,9 @@ def ngc_map(grad_fixed: torch.Tensor, grad_moving: torch.Tensor, footprint: torc
     """
     _, h, w = grad_fixed.shape
     m = int(max_shift_px)
-    H, W = _fast_len(h + m + 1), _fast_len(w + m + 1)  # pad: no wrap-around for |shift| <= m
+    from scipy.fft import next_fast_len
+
+    H, W = next_fast_len(h + m + 1, real=True), next_fast_len(w + m + 1, real=True)  # pad: no wrap-around for |shift| <= m
     dtype = torch.float64
     gf = grad_fixed.to(dtype)
     gm = grad_moving.to(dtype) * footprint.to(dtype)

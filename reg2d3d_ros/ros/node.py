@@ -46,15 +46,12 @@ from tf2_msgs.msg import TFMessage  # noqa: E402
 from ..errors import ConfigError, Reg2D3DError  # noqa: E402
 from ..geometry.se3 import pose_m_to_transform, transform_to_pose_m  # noqa: E402
 from ..pipeline import TRACKING, WAITING_FOR_CT, PipelineConfig, RegistrationPipeline  # noqa: E402
-from ..settings import SETTINGS, setting  # noqa: E402
+from ..settings import BY_NAME, SETTINGS, setting  # noqa: E402
 from .lifecycle import enable_stack_dumps, exit_status, init_ros, shutdown_ros  # noqa: E402
 
 #: The node's parameters, ``(name, default, description, unit, range or choices, read-only)``:
 #: every setting of :data:`reg2d3d_ros.settings.SETTINGS` (the single definition), in its order.
 PARAMETERS = [(x.name, x.default, x.description, x.unit, x.range if x.range is not None else x.choices, not x.runtime) for x in SETTINGS]
-
-_SPECS = {spec[0]: spec for spec in PARAMETERS}
-
 
 def _descriptor(name, default, description, unit, rng, read_only) -> ParameterDescriptor:
     text = description + (f" [{unit}]" if unit else "")
@@ -211,11 +208,11 @@ class RegistrationNode(Node):
         """Before rclpy checks a run-time set: integers for double parameters become doubles; a wrong value is logged (rclpy refuses it)."""
         out = []
         for prm in params:
-            spec = _SPECS.get(prm.name)
+            spec = BY_NAME.get(prm.name)
             if spec is None:
                 out.append(prm)
                 continue
-            if spec[5]:
+            if not spec.runtime:
                 self.get_logger().warning(f"run-time set refused: parameter {prm.name} is read-only (set it when the node starts)")
                 out.append(prm)
                 continue
@@ -230,7 +227,7 @@ class RegistrationNode(Node):
         from rcl_interfaces.msg import SetParametersResult
 
         for prm in params:
-            if prm.name in _SPECS:
+            if prm.name in BY_NAME:
                 try:
                     check_parameter(prm.name, prm.value)
                 except ConfigError as exc:

@@ -6,6 +6,7 @@ from .ct import (
     MU_WATER_PER_MM,
     CTVolume,
     LabelTable,
+    add_ct_arguments,
     add_label_arguments,
     builtin_label_table,
     detect_label_set,
@@ -16,5 +17,5 @@ from .ct import (
 )
 from .target import BONE_FLOOR_HU, structure_region, target_attenuation
 
-__all__ = ["BONE_FLOOR_HU", "LABEL_SET_CHOICES", "MU_WATER_PER_MM", "CTVolume", "LabelTable", "add_label_arguments", "builtin_label_table",
+__all__ = ["BONE_FLOOR_HU", "LABEL_SET_CHOICES", "MU_WATER_PER_MM", "CTVolume", "LabelTable", "add_ct_arguments", "add_label_arguments", "builtin_label_table",
            "detect_label_set", "grid_mismatch", "load_ct", "read_label_table", "resolve_label", "structure_region", "target_attenuation"]

@@ -376,6 +376,15 @@ def resolve_label(name_or_id, label_names: dict) -> int:
     raise ConfigError(f"unknown structure {s!r} in {source}: give {accepts}{hint}")
 
 
+def add_ct_arguments(ap) -> None:
+    """Add a command's ``--ct``, ``--labels`` and ``--label-table`` options (all of :func:`add_label_arguments` too)."""
+    ap.add_argument("--ct", required=True, help="CT file (NIfTI, NRRD, MHA) or DICOM folder")
+    ap.add_argument("--labels", required=True, help="label map of the CT (TotalSegmentator-style)")
+    ap.add_argument("--label-table", default=None, help="CSV of label names, columns structure,id (default: TotalSegmentator's names, "
+                    "built in: --label-set)")
+    add_label_arguments(ap)
+
+
 def add_label_arguments(ap) -> None:
     """Add a command's ``--label-set`` and ``--resample-labels`` options (:func:`load_ct`'s ``label_set``, ``resample_labels``)."""
     ap.add_argument("--label-set", choices=LABEL_SET_CHOICES, default="auto",
