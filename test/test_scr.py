@@ -265,3 +265,53 @@ def test_prepare_names_label_problems_and_leaves_no_empty_folders(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "cannot read CT" in res.stderr and "file format was not recognised" in res.stderr
     assert ".cxx" not in res.stderr and "sitk::" not in res.stderr and not (tmp_path / "o2").exists()
+
+
+def test_clinical_views_are_ap_or_lateral_around_the_given_centres():
+    from reg2d3d_ros.scr.data import CLINICAL_VIEWS, ViewDistribution
+
+    centres = np.array([[0.0, 0.0, -100.0], [0.0, 0.0, 100.0]])
+    T = CLINICAL_VIEWS.sample(centres, 400, seed=5).numpy()
+    beam_ct = T[:, 2, :3]  # optical z (the beam) in CT coordinates
+    lateral = np.abs(beam_ct[:, 0]) > np.abs(beam_ct[:, 1])  # LPS: a lateral beam runs along x, an AP one along y
+    assert 0.2 < lateral.mean() < 0.4
+    # the isocentre (on the beam, SID from the source) lies near one of the two centres, both used
+    src_ct = -np.einsum("nij,ni->nj", T[:, :3, :3], T[:, :3, 3])
+    iso = src_ct + beam_ct * 680.0
+    near = np.argmin(np.abs(iso[:, 2:3] - centres[None, :, 2]), axis=1)
+    assert 0.35 < near.mean() < 0.65
+    # the old distribution is unchanged by the new fields (same draws for the same seed)
+    assert torch.equal(ViewDistribution().sample(centres[0], 3, seed=1), ViewDistribution(lateral_fraction=0.0).sample(centres[0], 3, seed=1))
+
+
+def test_randomised_views_cache_memory_map_and_train_samples(tmp_path):
+    """Components are cached once; each epoch draws new physics for the same geometry; the time budget stops and resume continues."""
+    from reg2d3d_ros.example import load_example
+    from reg2d3d_ros.scr.data import CLINICAL_VIEWS, DatasetSpec, SCRDataset, SceneNormalisation, build_view_cache, load_views, open_views
+    from reg2d3d_ros.scr.train import TrainConfig, train_scr
+    from reg2d3d_ros.sim import structure_center
+
+    ct = load_example()
+    c = tuple(float(v) for v in structure_center(ct, "T8"))
+    spec = DatasetSpec(target="T8", center_ct_mm=c, size=32, n_views=6, seed=2, sdd_mm=1020.0, pixel_spacing_mm=307.2 / 32,
+                       views=CLINICAL_VIEWS, step_mm=4.0, physics="randomised", view_centers_ct_mm=(c,))
+    files = build_view_cache(ct, spec, tmp_path / "views", chunk=4, progress=False)
+    v = open_views(tmp_path / "views", files)
+    ref = load_views(files)
+    assert set(v) == {"poses", "components", "entry_ct_mm", "exit_ct_mm", "hit"} and isinstance(v["components"], np.memmap)
+    assert all(np.array_equal(v[k], ref[k]) for k in v) and v["components"].shape == (6, 2, 32, 32)
+    assert float(v["components"][:, 1].max()) > 0  # bone
+    ds = SCRDataset(v, SceneNormalisation(c), seed=0, intrinsics=spec.intrinsics())
+    a = ds[0]
+    ds.epoch = 1
+    b = ds[0]
+    assert torch.isfinite(a["image"]).all() and not torch.allclose(a["image"], b["image"])  # a new draw
+    assert torch.equal(a["coords"], b["coords"]) and float(a["hit"].mean()) > 0
+    with pytest.raises(Exception, match="intrinsics"):
+        SCRDataset(v, SceneNormalisation(c))
+    cfg = TrainConfig(epochs=3, batch_size=2, widths=(8, 16), time_budget_s=1e-3, validation_fraction=0.2)
+    ck = tmp_path / "ck.pt"
+    _, h1 = train_scr(v, SceneNormalisation(c), cfg, ck, progress=False, intrinsics=spec.intrinsics())
+    assert len(h1) == 1  # the first epoch of a run always runs, then the budget stops it
+    _, h2 = train_scr(v, SceneNormalisation(c), cfg, ck, progress=False, intrinsics=spec.intrinsics())
+    assert [h["epoch"] for h in h2] == [1, 2]  # resumed from the checkpoint

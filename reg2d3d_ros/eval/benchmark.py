@@ -316,8 +316,19 @@ def run_sequence(pipe, spec: SequenceSpec, frames: np.ndarray, encoding: str, po
         for k in ("gradient_correlation", "peak", "search_candidate", "search", "reference_inlier_fraction"):
             if k in r.details:
                 row[k] = r.details[k]
+        _local_peak(row, r.details, poses[f], pts)
         rows.append(row)
     return rows
+
+
+def _local_peak(row: dict, details: dict, T_gt: torch.Tensor, pts: torch.Tensor) -> None:
+    """Copy the refused start-near optimum's peak check into ``row`` with its mRPD (what ``ambiguity_gc_ratio`` is tuned on)."""
+    from .metrics import mrpd
+
+    lp = details.get("local_peak")
+    if lp:
+        T = torch.tensor(lp["T"], dtype=torch.float64)
+        row["local_peak"] = {k: lp[k] for k in ("gc", "peak_gc", "offset_mm")} | {"mrpd_mm": round(float(mrpd(T, T_gt, pts)), 3)}
 
 
 def done_keys(results: Path) -> set:
@@ -494,6 +505,7 @@ def run_single_frame(specs: list, out: Path, n_starts: int, overrides: dict | No
                    "seconds": round(time.perf_counter() - t0, 2), "reason": r.reason, "search": r.details.get("search", "")}
             if r.T_registered is not None:
                 row["mrpd_mm"] = round(float(mrpd(r.T_registered, poses[0], pts)), 3)
+            _local_peak(row, r.details, poses[0], pts)
             with open(results, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
         if progress:
@@ -525,6 +537,125 @@ def summarise_single_frame(results: Path) -> list:
                     "mrpd_std_mm": float(err[ok].std()) if ok.any() else float("nan"),
                     "answered_pct": 100.0 * ans.mean(), "wrong": int((ans & ~ok).sum()),
                     "seconds_median": float(np.median([r["seconds"] for r in rs]))})
+    return out
+
+
+# -- first frame without a pose (SCR-PnP) -------------------------------------------------------
+#: An SCR pose farther than this from the truth (mTRE, mm) is a gross failure (the seed's GFR).
+GROSS_MTRE_MM = 10.0
+
+
+def first_frame_specs(tier: str, split: str = "heldout") -> list:
+    """The frames of the SCR row: frame 0 of every sequence of the tier, one per (source, vertebra, view, seed)."""
+    seen, out = set(), []
+    for s in tier_specs(tier, split):
+        k = (s.source, s.vertebra, s.view, s.seed)
+        if k not in seen:
+            seen.add(k)
+            out.append(s)
+    return out
+
+
+def run_first_frame(specs: list, out: Path, models_dir: Path, overrides: dict | None = None, progress: bool = True) -> Path:
+    """Frame 0 of each spec with no initial pose: SCR-PnP, then the pipeline as the node runs it; returns the results file.
+
+    The SCR model of ``models_dir`` (made for one target of this CT; its scene is the whole
+    spine, so its pose serves every vertebra) gives the pose; a rejected pose publishes nothing.
+    An accepted pose goes to the pipeline of the frame's vertebra on its initial-pose input, which
+    is what the node does with it (refine, register, the acceptance checks). One row per frame
+    in ``out/first_frame.jsonl`` (appended as it goes; frames already there are skipped).
+    """
+    from ..engines import load
+    from ..images import encode_image
+    from ..scr.model import SCRInitializer
+    from .metrics import mrpd, mtre
+
+    overrides = dict(overrides or {})
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "first_frame.jsonl"
+    done = set()
+    if results.exists():
+        for line in results.read_text().splitlines():
+            try:
+                done.add(json.loads(line)["key"])
+            except (json.JSONDecodeError, KeyError):
+                continue
+    todo = [s for s in specs if s.key not in done]
+    if progress:
+        print(f"first frame: {len(specs)} frames, {len(specs) - len(todo)} already in {results}", flush=True)
+    if not todo:
+        return results
+    scr_path = Path(models_dir) / "scr.pt"
+    if not scr_path.exists():
+        raise ConfigError(f"no SCR model in {models_dir} (scr.pt): make one with python -m reg2d3d_ros.prepare")
+    scr = SCRInitializer.load(scr_path)
+    scr.runner = load(scr_path, "scr", "onnxruntime", "cpu")
+    paths, ct, cache_root, setup = _open_ct()
+    intr = setup.intrinsics()
+    K = intr.K(torch.float64).numpy()
+    ci = intr.to_camera_info()
+    pipes, renderers = {}, {}
+    for spec in todo:
+        poses = sequence_poses(ct, spec, setup)  # the whole sequence: its frames are cached by the sequence runs
+        frames, encoding, intensity, _ = sequence_frames(ct, str(paths.ct), spec, setup, poses, renderers, cache_root=cache_root)
+        pipe = _pipeline_for(pipes, paths, spec.vertebra, overrides, intensity)
+        pts = _target_points(ct, spec.vertebra)
+        e = encode_image(frames[0], encoding)
+        pipe.reset()
+        pipe.set_camera_info(ci["k"], ci["width"], ci["height"])
+        t0 = time.perf_counter()
+        image, _ = pipe.check_frame(e["encoding"], e["height"], e["width"], e["step"], e["data"])
+        r = scr.initialise(image, K)
+        t_scr = time.perf_counter() - t0
+        row = {"key": spec.key, "source": spec.source, "view": spec.view, "vertebra": spec.vertebra, "scr_accepted": bool(r.accepted),
+               "scr_ms": round(1000 * t_scr, 1), "scr_inliers": int(r.pnp.n_inliers), "scr_inlier_fraction": round(float(r.confidence), 3),
+               "scr_why": r.why}
+        if r.T_optical_from_ct is not None:
+            T = torch.as_tensor(r.T_optical_from_ct, dtype=torch.float64)
+            row["scr_mtre_mm"] = round(float(mtre(T, poses[0], pts)), 3)
+            row["scr_mrpd_mm"] = round(float(mrpd(T, poses[0], pts)), 3)
+        row["answered"] = False
+        if r.accepted:
+            pipe.set_initial_pose(r.T_optical_from_ct)
+            res = pipe.process(e["encoding"], e["height"], e["width"], e["step"], e["data"])
+            row.update(answered=res.T_optical_from_ct is not None, reason=res.reason, search=res.details.get("search", ""))
+            if res.T_registered is not None:
+                row["mrpd_mm"] = round(float(mrpd(res.T_registered, poses[0], pts)), 3)
+                row["mtre_mm"] = round(float(mtre(res.T_registered, poses[0], pts)), 3)
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        with open(results, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if progress:
+            print(f"first frame {spec.key}: SCR mTRE {row.get('scr_mtre_mm', float('inf')):.1f} mm "
+                  f"{'accepted' if r.accepted else 'rejected'}; published {row['answered']} mRPD {row.get('mrpd_mm', float('nan')):.2f} mm "
+                  f"({row['seconds']:.1f} s)", flush=True)
+    return results
+
+
+def summarise_first_frame(results: Path) -> list:
+    """Per source: SCR-PnP mTRE percentiles and GFR, what the acceptance lets through, what the node publishes."""
+    if not results.exists():
+        return []
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    out = []
+    for source in sorted({r["source"] for r in rows}):
+        rs = [r for r in rows if r["source"] == source]
+        e = np.sort([r.get("scr_mtre_mm", float("inf")) for r in rs])
+        acc = np.array([r["scr_accepted"] for r in rs])
+        gross = np.array([r.get("scr_mtre_mm", float("inf")) for r in rs]) > GROSS_MTRE_MM
+        ans = np.array([r["answered"] for r in rs])
+        pub_rpd = np.array([r.get("mrpd_mm", float("inf")) for r in rs])
+        pub_tre = np.array([r.get("mtre_mm", float("inf")) for r in rs])
+        out.append({"source": source, "frames": len(rs), "scr_mtre_p25_mm": float(e[int(round(0.25 * (len(e) - 1)))]),
+                    "scr_mtre_p50_mm": float(e[int(round(0.5 * (len(e) - 1)))]), "scr_mtre_p95_mm": float(e[int(round(0.95 * (len(e) - 1)))]),
+                    "scr_mrpd_median_mm": float(np.median([r.get("scr_mrpd_mm", float("inf")) for r in rs])),
+                    "gfr_pct": 100.0 * gross.mean(), "accepted_pct": 100.0 * acc.mean(), "gross_accepted": int((gross & acc).sum()),
+                    "published_pct": 100.0 * ans.mean(), "published_wrong": int((ans & (pub_rpd > WRONG_MRPD_MM)).sum()),
+                    "published_gross": int((ans & (pub_tre > GROSS_MTRE_MM)).sum()),
+                    "published_mtre_median_mm": float(np.median(pub_tre[ans])) if ans.any() else float("nan"),
+                    "published_mrpd_median_mm": float(np.median(pub_rpd[ans])) if ans.any() else float("nan"),
+                    "scr_ms_median": float(np.median([r["scr_ms"] for r in rs])),
+                    "first_pose_s_median": float(np.median([r["seconds"] for r in rs if r["answered"]])) if ans.any() else float("nan")})
     return out
 
 
@@ -601,7 +732,8 @@ def write_report(out: Path, tier: str, meta: dict) -> Path:
     results = out / "results.jsonl"
     rows = summarise(results)
     (out / "summary.json").write_text(json.dumps({"tier": tier, "meta": meta, "groups": rows,
-                                                  "single_frame": summarise_single_frame(out / "single_frame.jsonl")}, indent=1))
+                                                  "single_frame": summarise_single_frame(out / "single_frame.jsonl"),
+                                                  "first_frame": summarise_first_frame(out / "first_frame.jsonl")}, indent=1))
     seqs, frames = read_rows(results)
     by_key = {}
     for r in frames:
@@ -627,6 +759,20 @@ def write_report(out: Path, tier: str, meta: dict) -> Path:
         for r in single:
             lines.append(f"| {r['source']} | {r['frames']} | {r['registrations']} | {r['sr_pct']:.0f} | {r['cr_mm']:.0f} | "
                          f"{_f(r['mrpd_mean_mm'])} +- {_f(r['mrpd_std_mm'])} | {r['answered_pct']:.0f} | {r['wrong']} | {r['seconds_median']:.1f} |")
+    first = summarise_first_frame(out / "first_frame.jsonl")
+    if first:
+        lines += ["", f"## First frame without a pose (SCR-PnP, model {meta.get('models_dir', '')})", "",
+                  f"Frame 0 of each sequence; gross failure: SCR mTRE > {GROSS_MTRE_MM:.0f} mm or no pose; the accepted SCR pose goes to "
+                  f"the pipeline as the node does; published wrong: mRPD > {WRONG_MRPD_MM} mm, published gross: mTRE > {GROSS_MTRE_MM:.0f} mm.", "",
+                  "| source | frames | SCR mTRE p25 / p50 / p95 mm | SCR mRPD p50 mm | GFR % | SCR accepted % | gross accepted | "
+                  "published % | published wrong | published gross | published mTRE / mRPD p50 mm | SCR ms | first pose s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in first:
+            lines.append(f"| {r['source']} | {r['frames']} | {_f(r['scr_mtre_p25_mm'], '{:.1f}')} / {_f(r['scr_mtre_p50_mm'], '{:.1f}')} / "
+                         f"{_f(r['scr_mtre_p95_mm'], '{:.1f}')} | {_f(r['scr_mrpd_median_mm'])} | {r['gfr_pct']:.0f} | {r['accepted_pct']:.0f} | "
+                         f"{r['gross_accepted']} | {r['published_pct']:.0f} | {r['published_wrong']} | {r['published_gross']} | "
+                         f"{_f(r['published_mtre_median_mm'], '{:.1f}')} / {_f(r['published_mrpd_median_mm'])} | {r['scr_ms_median']:.0f} | "
+                         f"{_f(r['first_pose_s_median'], '{:.1f}')} |")
     lines += ["", "## Sequences", "", "| sequence | encoding / intensity | answered | median mRPD | median mTRE | wrong | first error |", "|---|---|---|---|---|---|---|"]
     for s in seqs:
         rws = by_key.get(s["key"], [])
@@ -669,8 +815,10 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", metavar="NAME=VALUE", help="pipeline setting to override (repeatable)")
     p.add_argument("--limit", type=int, default=0, help="run at most this many sequences (0: all)")
     p.add_argument("--render-only", action="store_true", help="only render and cache the tier's frames (no pipeline, no results)")
-    p.add_argument("--part", choices=("all", "sequences", "single_frame"), default="all",
-                   help="the tracked sequences, the single-frame registrations (van de Kraats row), or both")
+    p.add_argument("--part", choices=("all", "sequences", "single_frame", "first_frame"), default="all",
+                   help="the tracked sequences, the single-frame registrations (van de Kraats row), the first frame without a pose "
+                   "(SCR-PnP, needs --models), or all three (first_frame only with --models)")
+    p.add_argument("--models", type=Path, default=None, help="model folder with the SCR model for the first-frame part")
     args = p.parse_args(argv)
     try:
         overrides = _parse_set(args.set)
@@ -691,10 +839,15 @@ def main(argv=None) -> int:
         if args.part in ("all", "single_frame"):
             sf = [s for s in single_frame_specs(args.tier, args.split) if s.source in sources]
             run_single_frame(sf[: args.limit] if args.limit else sf, out, SINGLE_FRAME_STARTS[args.tier], overrides)
+        if args.part == "first_frame" or (args.part == "all" and args.models is not None):
+            if args.models is None:
+                raise ConfigError("--part first_frame needs --models (a folder with scr.pt)")
+            ff = [s for s in first_frame_specs(args.tier, args.split) if s.source in sources]
+            run_first_frame(ff[: args.limit] if args.limit else ff, out, args.models, overrides)
         if not (out / "results.jsonl").exists():
             (out / "results.jsonl").touch()
         meta = {"command": "python -m reg2d3d_ros.eval.benchmark " + " ".join(argv if argv is not None else sys.argv[1:]),
-                "overrides": overrides, "seconds_last_run": round(time.perf_counter() - t0, 1)}
+                "overrides": overrides, "models_dir": str(args.models or ""), "seconds_last_run": round(time.perf_counter() - t0, 1)}
         path = write_report(out, args.tier, meta)
         print(path.read_text().split("\n## Sequences")[0])
         print(f"benchmark: report {path}")

@@ -54,7 +54,7 @@ def evaluate(models_dir: Path, views_dir: Path, posenet_path: Path | None, frame
     """Run the evaluation on views ``start .. start + limit``; returns the results dictionary."""
     from ..engines import load
     from ..geometry import CArmIntrinsics
-    from ..scr.data import augment_frame, load_views
+    from ..scr.data import load_views, view_frame
     from ..scr.model import SCRInitializer
     from .metrics import mrpd
 
@@ -73,11 +73,12 @@ def evaluate(models_dir: Path, views_dir: Path, posenet_path: Path | None, frame
     size = int(spec["size"])
     intr_frame = CArmIntrinsics.from_detector(spec["sdd_mm"], spec["pixel_spacing_mm"] * size / frame_size, frame_size, frame_size)
     K = intr_frame.K(torch.float64).numpy()
+    intr_views = CArmIntrinsics.from_detector(spec["sdd_mm"], spec["pixel_spacing_mm"], size, size)
     posenet = load_posenet(posenet_path)[0] if posenet_path is not None and posenet_path.exists() else None
     rows = []
     for i in range(start, start + n):
         rng = np.random.default_rng((seed, i))
-        img = augment_frame(views["line_integral"][i].astype(np.float32), rng)
+        img = view_frame(views, i, rng, intr_views)
         frame = torch.nn.functional.interpolate(torch.from_numpy(img)[None, None], size=(frame_size, frame_size), mode="bilinear",
                                                 align_corners=False)[0, 0].numpy() if frame_size != size else img
         T_gt = torch.from_numpy(views["poses"][i])

@@ -37,20 +37,32 @@ class TrainConfig:
     stride: int = 2
     validation_fraction: float = 0.05
     l1_weight: float = 1.0
+    time_budget_s: float = 0.0
+
+
+def out_of_time(cfg: TrainConfig, started: float, epoch_seconds: float) -> bool:
+    """Whether another epoch of ``epoch_seconds`` would end past the budget (0: no budget).
+
+    The first epoch of a run (``epoch_seconds`` 0) always runs, so every run makes progress.
+    """
+    return cfg.time_budget_s > 0 and epoch_seconds > 0 and time.time() - started + epoch_seconds > cfg.time_budget_s
 
 
 def train_scr(views: dict, norm: SceneNormalisation, cfg: TrainConfig, checkpoint: Path, device: str = "cpu", progress: bool = True,
-              init_from: Path | None = None):
+              init_from: Path | None = None, intrinsics=None):
     """Train the SCR U-Net on cached views (resuming from ``checkpoint``).
 
     ``init_from`` (an SCR model file or checkpoint of the same network) warm-starts the weights
-    of a new training (ignored when resuming).
+    of a new training (ignored when resuming). ``intrinsics`` (the views' camera) is needed for
+    views with randomised physics. With ``cfg.time_budget_s`` the run stops after the last
+    epoch that fits the budget (the checkpoint holds it; the next run resumes there).
 
     Returns
     -------
     (UNet, list of dict)
         The trained network (eval mode) and the per-epoch history (train/validation loss and
-        mean scene-coordinate error in mm over hit pixels).
+        mean scene-coordinate error in mm over hit pixels); ``len(history) < cfg.epochs`` when
+        the time budget stopped it.
     """
     from ..nets import UNet
 
@@ -60,11 +72,11 @@ def train_scr(views: dict, norm: SceneNormalisation, cfg: TrainConfig, checkpoin
     n_val = max(1, int(round(n * cfg.validation_fraction)))
     idx = np.arange(n)
     train_idx, val_idx = idx[: n - n_val], idx[n - n_val :]
-    ds = SCRDataset(views, norm, augment=True, seed=cfg.seed)
-    ds_val = SCRDataset(views, norm, augment=True, seed=cfg.seed + 1)
+    ds = SCRDataset(views, norm, augment=True, seed=cfg.seed, intrinsics=intrinsics)
+    ds_val = SCRDataset(views, norm, augment=True, seed=cfg.seed + 1, intrinsics=intrinsics)
     net = UNet(1, 8, widths=cfg.widths, stride=cfg.stride).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    meta = {"kind": "scr", "config": json.loads(json.dumps(asdict(cfg))), "n_views": n, "norm": [list(norm.center_ct_mm), norm.scale_mm]}
+    meta = {"kind": "scr", "config": json.loads(json.dumps({**asdict(cfg), "time_budget_s": 0.0})), "n_views": n, "norm": [list(norm.center_ct_mm), norm.scale_mm]}
     history, start_epoch, resumed = resume(checkpoint, meta, net, opt)
     if resumed:
         if progress and rank == 0:
@@ -82,7 +94,14 @@ def train_scr(views: dict, norm: SceneNormalisation, cfg: TrainConfig, checkpoin
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None)
     off = cfg.stride // 2
     t0 = time.time()
+    epoch_seconds = 0.0
     for epoch in range(start_epoch, cfg.epochs):
+        if out_of_time(cfg, t0, epoch_seconds):
+            if progress and rank == 0:
+                print(f"SCR training: time budget of {cfg.time_budget_s:.0f} s reached after epoch {epoch}/{cfg.epochs}; "
+                      f"run again to resume", file=sys.stderr)
+            break
+        t_start = time.time()
         set_lr(opt, constant_then_cosine_lr(cfg.lr, cfg.epochs, epoch))
         ds.epoch = epoch
         sub = torch.utils.data.Subset(ds, train_idx.tolist())
@@ -113,6 +132,7 @@ def train_scr(views: dict, norm: SceneNormalisation, cfg: TrainConfig, checkpoin
                   f"scene-coordinate error {val['val_err_mm']:.2f} mm", file=sys.stderr)
         if rank == 0:
             save_checkpoint(checkpoint, epoch, net, opt, meta, history)
+        epoch_seconds = time.time() - t_start
     net.eval()
     return net, history
 
@@ -137,7 +157,7 @@ def evaluate_scr_loss(net, ds: SCRDataset, idx, cfg: TrainConfig, device: str = 
 
 
 def train_pose_regression(views: dict, norm: SceneNormalisation, target_pts_ct_mm: np.ndarray, cfg: TrainConfig, checkpoint: Path,
-                          device: str = "cpu", progress: bool = True):
+                          device: str = "cpu", progress: bool = True, intrinsics=None):
     """Train the PoseNet-style baseline with a geometric loss (mean 3-D distance of target points, mm).
 
     Returns
@@ -148,7 +168,7 @@ def train_pose_regression(views: dict, norm: SceneNormalisation, target_pts_ct_m
 
     torch.manual_seed(cfg.seed)
     n = len(views["poses"])
-    ds = SCRDataset(views, norm, augment=True, seed=cfg.seed + 7)
+    ds = SCRDataset(views, norm, augment=True, seed=cfg.seed + 7, intrinsics=intrinsics)
     depth = float(np.median(np.linalg.norm(views["poses"][:, :3, 3], axis=1)))
     net = PoseRegressionNet(widths=cfg.widths, center_ct_mm=tuple(norm.center_ct_mm), depth_mm=depth, scale_mm=norm.scale_mm).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
