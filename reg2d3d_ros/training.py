@@ -51,6 +51,8 @@ def training_parser(prog: str, description: str, out: str, cache: str, what: str
     ap.add_argument("--label-table", type=Path, help="label names of --labels, CSV with columns structure,id (default: TotalSegmentator's, built in)")
     add_label_arguments(ap)
     ap.add_argument("--seed", type=int, default=seed)
+    ap.add_argument("--physics", choices=("randomised", "nominal"), default="randomised",
+                    help="image formation of the training frames: a domain-randomised draw per frame, or the simulator's one setting")
     return ap
 
 
@@ -97,11 +99,12 @@ def save_atomically(obj, path) -> None:
 
 
 def cached_training_frames(ct, vertebrae, frames_per_view: int, n_starts: int, max_mtre: float, size: int, seed: int, cache: Path,
-                           prefix: str, per_frame, what: str, progress: bool = True, make_registrator=None):
+                           prefix: str, per_frame, what: str, progress: bool = True, make_registrator=None, physics: str = "nominal"):
     """Yield ``(vertebra, blob)`` for every training frame; ``blob = per_frame(registrator, cases)`` is computed once.
 
     A frame is one simulated case set of a vertebra (AP and lateral, jittered) with ``n_starts``
     starts; blobs (tensors, lists, dicts) are cached as ``cache/<prefix><vertebra>_f<k>_...pt``.
+    ``physics`` is the frames' image formation (:class:`reg2d3d_ros.eval.cases.CaseSet`).
     The registrator is ``make_registrator(ct, vertebra)`` (default
     :meth:`reg2d3d_ros.ppc.PPCRegistrator.from_ct`).
     """
@@ -117,11 +120,13 @@ def cached_training_frames(ct, vertebrae, frames_per_view: int, n_starts: int, m
     jobs = [(v, f) for v in vertebrae for f in range(frames_per_view)]
     t0 = time.time()
     for j, (vert, f) in enumerate(jobs):
-        path = cache / f"{prefix}{vert}_f{f}_s{seed}_n{n_starts}_m{max_mtre:g}_px{size}.pt"
+        tag = "" if physics == "nominal" else f"_{physics}"
+        path = cache / f"{prefix}{vert}_f{f}_s{seed}_n{n_starts}_m{max_mtre:g}_px{size}{tag}.pt"
         if path.exists():
             blob = torch.load(path, map_location="cpu", weights_only=True)
         else:
-            cs = CaseSet(f"train-{vert}-{f}", (vert,), seed=seed + 100 * f + 10 * vertebrae.index(vert), jitter_deg=10.0, jitter_mm=15.0)
+            cs = CaseSet(f"train-{vert}-{f}", (vert,), seed=seed + 100 * f + 10 * vertebrae.index(vert), jitter_deg=10.0, jitter_mm=15.0,
+                         physics=physics)
             cases = make_cases(ct, cs, n_starts, max_mtre_mm=max_mtre, setup=setup)
             blob = per_frame((make_registrator or PPCRegistrator.from_ct)(ct, vert), cases)
             save_atomically(blob, path)

@@ -136,3 +136,22 @@ def test_a_polished_method_also_yields_its_unpolished_rows():
     assert rows[0]["final_mrpd_mm"] == 0.4  # the polished rows are left as they are
     _, summaries = registration_tables({"search": plain, "search + polish": rows}, ["ap"], 30.0)
     assert summaries["search"]["sr_percent"] == 75.0 and summaries["search + polish"]["sr_percent"] == 100.0
+
+
+def test_cases_with_randomised_physics_differ_per_case_and_keep_the_geometry():
+    from reg2d3d_ros.errors import ConfigError
+    from reg2d3d_ros.eval.cases import CaseSet, make_cases
+    from reg2d3d_ros.example import load_example
+    from reg2d3d_ros.sim import CArmSetup
+
+    ct = load_example()
+    setup = CArmSetup().at_size(64)
+    nominal = make_cases(ct, CaseSet("n", ("T8",), seed=3), 2, setup=setup)
+    rand = make_cases(ct, CaseSet("r", ("T8",), seed=3, physics="randomised"), 2, setup=setup)
+    for a, b in zip(nominal, rand):
+        assert torch.equal(a.T_gt, b.T_gt) and torch.equal(a.starts, b.starts)  # same views and starts
+        assert b.image_att.shape == (64, 64) and np.isfinite(b.image_att).all()
+        assert not np.allclose(a.image_att, b.image_att)
+    assert not np.allclose(rand[0].image_att / rand[0].image_att.std(), rand[1].image_att / rand[1].image_att.std())
+    with pytest.raises(ConfigError, match="physics"):
+        make_cases(ct, CaseSet("x", ("T8",), physics="cartoon"), 1, setup=setup)

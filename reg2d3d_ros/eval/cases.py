@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from ..images import to_attenuation
 from ..sim import CArmSetup, XrayDegradation, simulate_sequence, structure_center, view_pose, xray_renderer
 from ..volume import resolve_label
@@ -33,6 +34,9 @@ class CaseSet:
     seed: int = 0
     jitter_deg: float = 5.0
     jitter_mm: float = 10.0
+    #: ``nominal``: the simulator's default physics (one setting, :class:`~reg2d3d_ros.sim.XrayDegradation`);
+    #: ``randomised``: a domain draw per case (:mod:`reg2d3d_ros.sim.randomize`, seeded by the case).
+    physics: str = "nominal"
 
 
 TEST = CaseSet("test", ("T6", "T8", "T10", "T12"), seed=0)
@@ -57,7 +61,9 @@ class Case:
 def make_cases(ct, case_set: CaseSet, n_starts: int, max_mtre_mm: float = 30.0, setup: CArmSetup = CArmSetup(),
                degradation: XrayDegradation | None = None, renderer=None, progress: bool = False) -> list:
     """Generate the cases of a case set (deterministic given the seeds)."""
-    renderer = renderer or xray_renderer(ct)
+    if case_set.physics not in ("nominal", "randomised"):
+        raise ConfigError(f"physics must be nominal or randomised, got {case_set.physics!r}")
+    renderer = renderer or (xray_renderer(ct) if case_set.physics == "nominal" else None)
     degradation = degradation or XrayDegradation()
     cases = []
     k = 0
@@ -75,7 +81,14 @@ def make_cases(ct, case_set: CaseSet, n_starts: int, max_mtre_mm: float = 30.0, 
             angles = (lao + rng.uniform(-1, 1) * case_set.jitter_deg, cran + rng.uniform(-1, 1) * case_set.jitter_deg)
             offset = rng.uniform(-1, 1, size=3) * case_set.jitter_mm
             T_gt = view_pose(center, setup, angles, offset_mm=offset)
-            seq = simulate_sequence(renderer, setup.intrinsics(), T_gt[None], degradation, seed=seed)
+            if case_set.physics == "randomised":
+                from ..sim import randomize as rz
+
+                comps = rz.render_components(ct, setup.intrinsics(), T_gt[None])
+                draw = rz.draw_domain(np.random.default_rng((seed, 7)))
+                seq = rz.simulate_randomised_sequence(comps, T_gt[None], setup.intrinsics(), draw, seed=seed)
+            else:
+                seq = simulate_sequence(renderer, setup.intrinsics(), T_gt[None], degradation, seed=seed)
             img = to_attenuation(seq.images[0].astype(np.float32), seq.intensity)
             starts, e0 = random_starts(T_gt, pts, n_starts, max_mtre_mm=max_mtre_mm, seed=seed)
             cases.append(Case(vert, view, img, T_gt, starts, e0, pts, setup.intrinsics(), seed))

@@ -194,14 +194,15 @@ def build_parser():
     return ap
 
 
-def collect(ct, vertebrae, frames_per_view: int, n_starts: int, max_mtre: float, size: int, seed: int, cache: Path) -> dict:
+def collect(ct, vertebrae, frames_per_view: int, n_starts: int, max_mtre: float, size: int, seed: int, cache: Path,
+            physics: str = "nominal") -> dict:
     """``{vertebra: [sample dict, ...]}``, computing and caching what is missing."""
     def per_frame(reg, cases):
         return [s for case in cases for s in flow_samples_for_case(reg, case, PPCConfig())]
 
     out = {}
     for vert, rows in cached_training_frames(ct, vertebrae, frames_per_view, n_starts, max_mtre, size, seed, cache, "flow_", per_frame,
-                                             "gradient images"):
+                                             "gradient images", physics=physics):
         out.setdefault(vert, []).extend(rows)
     return out
 
@@ -218,14 +219,14 @@ def _run(args) -> int:
     t0 = time.time()
     step = Steps(1 + len(kinds), stream=sys.stderr)
     step(f"collecting gradient images of {', '.join(vertebrae)} (cached in {args.cache})")
-    data = collect(ct, vertebrae, frames, starts, args.max_mtre, args.size, args.seed, args.cache)
+    data = collect(ct, vertebrae, frames, starts, args.max_mtre, args.size, args.seed, args.cache, physics=args.physics)
     t_data = time.time() - t0
     train = [s for v in vertebrae[:-1] for s in data[v]]
     val = data[vertebrae[-1]]
     step.note(f"{len(train)} training, {len(val)} validation samples")
     args.out.mkdir(parents=True, exist_ok=True)
     summary = {"meta": {"vertebrae": vertebrae, "frames_per_view": frames, "starts": starts, "max_mtre_mm": args.max_mtre,
-                        "size": args.size, "epochs": epochs, "seed": args.seed, "seconds_data": round(t_data)}, "kinds": {}}
+                        "size": args.size, "epochs": epochs, "seed": args.seed, "physics": args.physics, "seconds_data": round(t_data)}, "kinds": {}}
     for kind in kinds:
         step(f"training {kind} ({epochs} epochs)")
         t1 = time.time()

@@ -213,7 +213,8 @@ def _blob_to_sample(b: dict):
     return Sample(**b)
 
 
-def collect(ct, vertebrae, frames_per_view: int, n_starts: int, max_mtre: float, size: int, seed: int, cache: Path, progress: bool = True) -> dict:
+def collect(ct, vertebrae, frames_per_view: int, n_starts: int, max_mtre: float, size: int, seed: int, cache: Path, progress: bool = True,
+            physics: str = "nominal") -> dict:
     """``{vertebra: {level: [Sample]}}``, computing and caching what is missing."""
     from ..ppc import PPCL_CONFIG
 
@@ -226,7 +227,7 @@ def collect(ct, vertebrae, frames_per_view: int, n_starts: int, max_mtre: float,
 
     out = {}
     for vert, blob in cached_training_frames(ct, vertebrae, frames_per_view, n_starts, max_mtre, size, seed, cache, "", per_frame,
-                                             "correspondences", progress):
+                                             "correspondences", progress, physics=physics):
         for level, rows in blob.items():
             out.setdefault(vert, {}).setdefault(float(level), []).extend(_blob_to_sample(b) for b in rows)
     return out
@@ -241,7 +242,7 @@ def _run(args) -> int:
     t0 = time.time()
     step = Steps(stream=sys.stderr)
     step(f"collecting correspondences of {', '.join(vertebrae)} (cached in {args.cache})")
-    data = collect(ct, vertebrae, frames, starts, args.max_mtre, args.size, args.seed, args.cache)
+    data = collect(ct, vertebrae, frames, starts, args.max_mtre, args.size, args.seed, args.cache, physics=args.physics)
     t_data = time.time() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     tcfg = PPCLTrainConfig(epochs=epochs)

@@ -366,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def collect(ct, vertebrae, frames_per_view: int, n_samples: int, size: int, seed: int, cache: Path, progress: bool = True) -> dict:
+def collect(ct, vertebrae, frames_per_view: int, n_samples: int, size: int, seed: int, cache: Path, progress: bool = True,
+            physics: str = "nominal") -> dict:
     """``{vertebra: [sample dict, ...]}`` (one dict per case), computing and caching what is missing."""
     from ..intensity import IntensityRegistrator
 
@@ -375,7 +376,8 @@ def collect(ct, vertebrae, frames_per_view: int, n_samples: int, size: int, seed
 
     out = {}
     for vert, rows in cached_training_frames(ct, vertebrae, frames_per_view, n_samples, 30.0, size, seed, cache, "sim_", per_frame,
-                                             "similarity samples", progress, make_registrator=IntensityRegistrator.from_ct):
+                                             "similarity samples", progress, make_registrator=IntensityRegistrator.from_ct,
+                                             physics=physics):
         out.setdefault(vert, []).extend(rows)
     return out
 
@@ -403,7 +405,7 @@ def _run(args) -> int:
     t0 = time.time()
     step = Steps(3, stream=sys.stderr, enabled=int(os.environ.get("RANK", "0")) == 0)
     step(f"collecting training samples of {', '.join(vertebrae)} (cached in {args.cache})")
-    data = collect(ct, vertebrae, frames, samples, args.size, args.seed, args.cache)
+    data = collect(ct, vertebrae, frames, samples, args.size, args.seed, args.cache, physics=args.physics)
     t_data = time.time() - t0
     train = [s for v in vertebrae[:-1] for s in data[v]]
     val = data[vertebrae[-1]]
