@@ -291,3 +291,17 @@ def test_first_frame_summary_counts_gross_failures_and_what_is_published(tmp_pat
     # one frame per (source, vertebra, view, seed), every tier sequence's first frame
     specs = first_frame_specs("quick")
     assert len({(s.source, s.vertebra, s.view, s.seed) for s in specs}) == len(specs) == 8
+
+
+def test_benchmark_shards_split_a_tier_without_overlap():
+    from reg2d3d_ros.errors import ConfigError
+    from reg2d3d_ros.eval.benchmark import _parse_shard, tier_specs
+
+    specs = tier_specs("full")
+    parts = [specs[i::3] for i in (_parse_shard(f"{k}/3")[0] for k in range(3))]
+    keys = [s.key for p in parts for s in p]
+    assert sorted(keys) == sorted(s.key for s in specs) and len(set(keys)) == len(keys)
+    assert _parse_shard("") is None
+    for bad in ("2", "a/b", "3/3", "0/0"):
+        with pytest.raises(ConfigError):
+            _parse_shard(bad)

@@ -806,6 +806,19 @@ def _parse_set(items) -> dict:
     return out
 
 
+def _parse_shard(text: str):
+    """``(i, n)`` of ``--shard I/N`` (None when empty)."""
+    if not text:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard takes I/N (e.g. 0/2), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ConfigError(f"--shard {text}: need N >= 1 and 0 <= I < N")
+    return i, n
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m reg2d3d_ros.eval.benchmark", description=__doc__.split("\n\n")[0])
     p.add_argument("--tier", choices=("quick", "full"), default="quick", help="quick: under 5 min on 2 cores once the foreign frames are cached; full: background")
@@ -814,6 +827,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="output folder (default reports/benchmark/<tier>_<split>)")
     p.add_argument("--set", action="append", metavar="NAME=VALUE", help="pipeline setting to override (repeatable)")
     p.add_argument("--limit", type=int, default=0, help="run at most this many sequences (0: all)")
+    p.add_argument("--shard", default="", metavar="I/N", help="run only every N-th sequence starting at I (0-based): N processes "
+                   "with I = 0..N-1 share a tier and append to the same results")
     p.add_argument("--render-only", action="store_true", help="only render and cache the tier's frames (no pipeline, no results)")
     p.add_argument("--part", choices=("all", "sequences", "single_frame", "first_frame"), default="all",
                    help="the tracked sequences, the single-frame registrations (van de Kraats row), the first frame without a pose "
@@ -827,6 +842,9 @@ def main(argv=None) -> int:
         if bad:
             raise ConfigError(f"unknown source(s) {bad}; choose from {SOURCES}")
         specs = [s for s in tier_specs(args.tier, args.split) if s.source in sources]
+        shard = _parse_shard(args.shard)
+        if shard:
+            specs = specs[shard[0] :: shard[1]]
         if args.limit:
             specs = specs[: args.limit]
         if args.render_only:
@@ -838,11 +856,13 @@ def main(argv=None) -> int:
             run(specs, out, overrides)
         if args.part in ("all", "single_frame"):
             sf = [s for s in single_frame_specs(args.tier, args.split) if s.source in sources]
+            sf = sf[shard[0] :: shard[1]] if shard else sf
             run_single_frame(sf[: args.limit] if args.limit else sf, out, SINGLE_FRAME_STARTS[args.tier], overrides)
         if args.part == "first_frame" or (args.part == "all" and args.models is not None):
             if args.models is None:
                 raise ConfigError("--part first_frame needs --models (a folder with scr.pt)")
             ff = [s for s in first_frame_specs(args.tier, args.split) if s.source in sources]
+            ff = ff[shard[0] :: shard[1]] if shard else ff
             run_first_frame(ff[: args.limit] if args.limit else ff, out, args.models, overrides)
         if not (out / "results.jsonl").exists():
             (out / "results.jsonl").touch()
