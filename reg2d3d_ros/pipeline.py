@@ -360,6 +360,9 @@ class RegistrationPipeline:
         cfg = self.config
         if judged is None:
             judged = self._judge(result, mode, image, intr)
+        if "local_peak" in scr_details:  # how far the search moved from the refused start-near optimum
+            scr_details["local_peak"]["search_moved_mm"] = round(_mean_displacement_mm(
+                torch.tensor(scr_details["local_peak"]["T"], dtype=torch.float64), result.T_optical_from_ct, self.registrator.pts), 2)
         if ambiguous is not None and not judged["why"]:
             moved_mm = _mean_displacement_mm(ambiguous[0].T_optical_from_ct, result.T_optical_from_ct, self.registrator.pts)
             if moved_mm > self.config.max_peak_offset_mm:  # the search went to the other place

@@ -328,7 +328,8 @@ def _local_peak(row: dict, details: dict, T_gt: torch.Tensor, pts: torch.Tensor)
     lp = details.get("local_peak")
     if lp:
         T = torch.tensor(lp["T"], dtype=torch.float64)
-        row["local_peak"] = {k: lp[k] for k in ("gc", "peak_gc", "offset_mm")} | {"mrpd_mm": round(float(mrpd(T, T_gt, pts)), 3)}
+        row["local_peak"] = {k: lp[k] for k in ("gc", "peak_gc", "offset_mm", "search_moved_mm") if k in lp} | \
+            {"mrpd_mm": round(float(mrpd(T, T_gt, pts)), 3)}
 
 
 def done_keys(results: Path) -> set:
