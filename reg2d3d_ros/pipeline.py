@@ -176,6 +176,7 @@ class RegistrationPipeline:
         self._recent_gc: list = []  # gradient correlations (peak check) of the same frames
         self._before_previous: torch.Tensor | None = None  # the pose before ``_previous`` when both were tracked consecutively
         self.scr = None  # SCR-PnP initialiser when the models folder has one
+        self.neighbour_check = None  # which-vertebra check of initialisations (ppc.context), when the target is a vertebra
         self.register_config = None  # PPC configurations of registration and tracking (set by load)
         self.track_config = None
 
@@ -213,6 +214,9 @@ class RegistrationPipeline:
         self.registrator = PPCRegistrator.from_ct(ct, cfg.target, learned=learned, flow=flow, moving=moving_image(cfg),
                                                   surface_kwargs=surface_sampling(ct.spacing_mm))
         self.scr = load_scr(cfg.models_dir, cfg.backend, cfg.device)
+        from .ppc.context import NeighbourCheck
+
+        self.neighbour_check = NeighbourCheck.from_ct(ct, ct.structure_id(cfg.target))  # None: not a vertebra with a neighbour
         if cfg.recover != "off" or cfg.refine != "off":
             from .intensity import IntensityRegistrator
 
@@ -376,6 +380,10 @@ class RegistrationPipeline:
             details["search_candidate"] = result.candidate  # 0: the start itself won, k: the in-plane search's k-th candidate
         if gc is not None:
             details["gradient_correlation"] = round(gc, 4)
+        if judged.get("neighbour") is not None:
+            nb = judged["neighbour"]
+            details["neighbour_check"] = {"gc": round(nb["gc"], 4), "ratio": round(nb["ratio"], 3),
+                                          **{k: round(v, 4) for k, v in nb["neighbours"].items()}}
         T_out = result.T_optical_from_ct
         if peak is not None:
             details["peak"] = {"gc": round(peak.gc, 4), "peak_gc": round(peak.peak_gc, 4), "offset_mm": round(peak.peak_offset_mm, 2),
@@ -481,7 +489,16 @@ class RegistrationPipeline:
                 if gc < cfg.accept_gradient_correlation:
                     why = (f"initialisation rejected: gradient correlation {gc:.3f} < accept_gradient_correlation "
                            f"{cfg.accept_gradient_correlation} (wrong optimum?); publish a better initial pose or call ~/reset")
-        return {"why": why, "peak": peak, "score": score, "gc": gc, "reference": reference, "recent": recent, "recent_gc": recent_gc}
+        neighbour = None
+        if mode != "track" and not why and cfg.max_neighbour_gc_ratio > 0 and getattr(self, "neighbour_check", None) is not None:
+            neighbour = self.neighbour_check(image, intr, result.T_optical_from_ct)
+            if neighbour["ratio"] >= cfg.max_neighbour_gc_ratio:
+                why = (f"initialisation rejected: the whole field of view matches {neighbour['ratio']:.2f} x as well with the target moved "
+                       f"onto {neighbour['best']} (gradient correlation {neighbour['neighbours'][neighbour['best']]:.3f} vs "
+                       f"{neighbour['gc']:.3f}; >= max_neighbour_gc_ratio {cfg.max_neighbour_gc_ratio}): locked onto a neighbouring "
+                       f"vertebra?; publish a closer initial pose or call ~/reset")
+        return {"why": why, "peak": peak, "score": score, "gc": gc, "reference": reference, "recent": recent, "recent_gc": recent_gc,
+                "neighbour": neighbour}
 
     def _ambiguity(self, local, judged: dict):
         """``(local result, reason)`` when a refused start-near optimum is nearly as good as the peak elsewhere, else None."""

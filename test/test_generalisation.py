@@ -156,6 +156,32 @@ def test_an_ambiguous_initialisation_publishes_nothing_when_the_search_moves_awa
     assert "ambiguous" not in loose.error
 
 
+def test_neighbour_check_tells_the_target_from_the_vertebra_above_and_below(world):
+    """The whole field of view fixes which vertebra: a pose locked one vertebra off is refused, the truth is not."""
+    from reg2d3d_ros.eval import mrpd
+
+    pipe = world["pipe"]
+    chk = pipe.neighbour_check
+    assert chk is not None and set(chk.offsets_ct_mm) == {"T8", "T10"}
+    T = _view(world, lao=30.0, cran=5.0)
+    frames, enc, intensity = _frames(world, T[None], "soft_transmission_mono8", seed=11)
+    img = to_attenuation(frames[0].astype(np.float32), intensity)
+    truth = chk(img, world["setup"].intrinsics(), T)
+    assert truth["ratio"] < pipe.config.max_neighbour_gc_ratio, truth
+    for name, off in chk.offsets_ct_mm.items():
+        S = torch.eye(4, dtype=torch.float64)
+        S[:3, 3] = -torch.from_numpy(off)
+        lock = T @ S  # T9's surface placed on this neighbour
+        r = chk(img, world["setup"].intrinsics(), lock)
+        assert r["ratio"] > 1.0 and r["best"] == name, (name, r)  # shifting back by the same neighbour is the truth
+        # the pipeline from the lock: PPC stays on the neighbour (its contours fit), the check refuses it
+        out = _run(pipe, world["setup"], frames, enc, intensity, lock, search_range_mm=0.0)[0]
+        if out.T_optical_from_ct is not None:
+            assert float(mrpd(out.T_optical_from_ct, T, world["pts"])) <= 2.0, out.details
+        else:
+            assert out.reason == "rejected", out.error
+
+
 def test_same_pose_from_every_encoding_gain_offset_and_display(world):
     """The input normalisation: one scene, five encodings of it, the same registered pose."""
     from reg2d3d_ros.eval import mrpd

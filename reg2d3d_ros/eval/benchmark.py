@@ -313,7 +313,7 @@ def run_sequence(pipe, spec: SequenceSpec, frames: np.ndarray, encoding: str, po
             row["mtre_mm"] = round(float(mtre(r.T_optical_from_ct, poses[f], pts)), 3)
         if r.T_registered is not None and r.T_optical_from_ct is None:  # what the acceptance checks refused
             row["refused_mrpd_mm"] = round(float(mrpd(r.T_registered, poses[f], pts)), 3)
-        for k in ("gradient_correlation", "peak", "search_candidate", "search", "reference_inlier_fraction"):
+        for k in ("gradient_correlation", "peak", "search_candidate", "search", "reference_inlier_fraction", "neighbour_check"):
             if k in r.details:
                 row[k] = r.details[k]
         _local_peak(row, r.details, poses[f], pts)
@@ -507,6 +507,8 @@ def run_single_frame(specs: list, out: Path, n_starts: int, overrides: dict | No
             if r.T_registered is not None:
                 row["mrpd_mm"] = round(float(mrpd(r.T_registered, poses[0], pts)), 3)
             _local_peak(row, r.details, poses[0], pts)
+            if "neighbour_check" in r.details:
+                row["neighbour_check"] = r.details["neighbour_check"]
             with open(results, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
         if progress:
