@@ -29,6 +29,13 @@ from ..geometry.camera import CArmIntrinsics
 SPINE = tuple([f"C{i}" for i in range(1, 8)] + [f"T{i}" for i in range(1, 13)] + [f"L{i}" for i in range(1, 6)] + ["S1"])
 
 
+#: A neighbour-shifted pose must correlate at least this well with the frame to count as evidence of
+#: a lock: at a lock the shifted pose is the truth, which correlates 0.29-0.99 on the tuning frames
+#: (``benchmarks/results/neighbour_check.jsonl``); below it (a tiny or empty frame) the check has
+#: nothing to say.
+MIN_EVIDENCE_GC = 0.1
+
+
 def _spine_name(label_name: str):
     m = re.fullmatch(r"vertebrae_([CTLS]\d+)", label_name)
     return m.group(1) if m and m.group(1) in SPINE else None
@@ -44,17 +51,18 @@ class NeighbourCheck:
     offsets_ct_mm : dict
         ``{neighbour name: (3,) float64}``: ``c_target - c_neighbour`` (CT frame, mm) of each
         neighbouring vertebra present in the label map.
-    level : float
-        Image scale the correlation is computed at (0.25: a 256 frame at 64; the context is large).
+    size_px : int
+        The correlation is computed on the frame scaled so that its longer side has this many
+        pixels (64: a 256 frame at level 0.25; the context is large, fine detail is not needed).
     """
 
-    def __init__(self, renderer, offsets_ct_mm: dict, level: float = 0.25):
+    def __init__(self, renderer, offsets_ct_mm: dict, size_px: int = 64):
         self.renderer = renderer
         self.offsets_ct_mm = {k: np.asarray(v, dtype=np.float64) for k, v in offsets_ct_mm.items()}
-        self.level = float(level)
+        self.size_px = int(size_px)
 
     @classmethod
-    def from_ct(cls, ct, target_label_id: int, level: float = 0.25, step_factor: float = 2.0):
+    def from_ct(cls, ct, target_label_id: int, size_px: int = 64, step_factor: float = 2.0):
         """The check of a target, or None when the target is not a vertebra with a labelled neighbour.
 
         ``step_factor`` scales the renderer's ray step (default: the binned voxel size) for speed.
@@ -79,7 +87,7 @@ class NeighbourCheck:
             return None
         renderer = xray_renderer(ct)
         renderer.step_mm *= float(step_factor)
-        return cls(renderer, offsets, level)
+        return cls(renderer, offsets, size_px)
 
     def candidates(self, T_optical_from_ct: torch.Tensor) -> dict:
         """``{"pose": T, name: T @ translation(offset)}``, ``(4, 4)`` float64 each (mm)."""
@@ -107,11 +115,12 @@ class NeighbourCheck:
         -------
         dict
             ``gc`` (at the pose), ``neighbours`` (``{name: gc}``), ``best`` (the best neighbour's
-            name) and ``ratio`` (its gc over the pose's; ``inf`` when the pose's gc is not positive).
+            name) and ``ratio`` (its gc over the pose's; ``inf`` when the pose's gc is not positive,
+            0 when no neighbour reaches :data:`MIN_EVIDENCE_GC`: no evidence for a neighbour).
         """
         from ..intensity.metrics import gradient_correlation
 
-        lv = intrinsics.scaled(self.level)
+        lv = intrinsics.scaled(min(1.0, self.size_px / max(intrinsics.height, intrinsics.width)))
         cands = self.candidates(T_optical_from_ct)
         poses = torch.stack(list(cands.values()))
         with torch.no_grad():
@@ -122,8 +131,11 @@ class NeighbourCheck:
         own = gcs[0]
         neighbours = dict(zip(list(cands)[1:], gcs[1:]))
         best = max(neighbours, key=neighbours.get)
-        ratio = neighbours[best] / own if own > 0 else float("inf")
+        if neighbours[best] < MIN_EVIDENCE_GC:
+            ratio = 0.0  # nothing in the field of view fits a neighbour: no evidence of a lock
+        else:
+            ratio = neighbours[best] / own if own > 0 else float("inf")
         return {"gc": own, "neighbours": neighbours, "best": best, "ratio": ratio}
 
 
-__all__ = ["SPINE", "NeighbourCheck"]
+__all__ = ["MIN_EVIDENCE_GC", "SPINE", "NeighbourCheck"]
