@@ -1,0 +1,47 @@
+"""Replay ``max_neighbour_gc_ratio`` offline on a single-frame run made with a higher threshold.
+
+A published registration whose recorded neighbour-check ratio is at or above the threshold would
+not have been published. (Approximate: the node would then also have run the in-plane search,
+which can find the right pose; that gain is not counted.)
+
+Usage::
+
+    python benchmarks/neighbour_threshold.py RUN/single_frame.jsonl [--out benchmarks/results/neighbour_threshold.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+WRONG_MRPD_MM = 2.0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("results", type=Path, nargs="+")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    lines = ["# max_neighbour_gc_ratio replayed on single-frame registrations", "",
+             "| run | registrations | threshold | published | published correct | published wrong |", "|---|---|---|---|---|---|"]
+    for path in args.results:
+        if not path.exists():
+            print(f"error: {path} does not exist", file=sys.stderr)
+            return 2
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        pub = [r for r in rows if r["answered"]]
+        for thr in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7):
+            keep = [r for r in pub if r.get("neighbour_check", {}).get("ratio", 0.0) < thr]
+            ok = sum(r.get("mrpd_mm", float("inf")) <= WRONG_MRPD_MM for r in keep)
+            lines.append(f"| {path} | {len(rows)} | {thr:g} | {len(keep)} | {ok} | {len(keep) - ok} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
