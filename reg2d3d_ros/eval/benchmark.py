@@ -348,9 +348,9 @@ def done_keys(results: Path) -> set:
 
 
 def read_rows(results: Path) -> tuple:
-    """``(sequence rows, frame rows)`` of a results file."""
+    """``(sequence rows, frame rows)`` of a results file (none when it does not exist: a run of single frames only)."""
     seqs, frames = [], []
-    for line in results.read_text().splitlines():
+    for line in (results.read_text().splitlines() if results.exists() else []):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
