@@ -17,7 +17,8 @@ from pathlib import Path
 WRONG_MRPD_MM = 2.0
 
 
-def _rows(path: Path) -> dict:
+def read_rows(path: Path) -> dict:
+    """``{(frame key, start): row}`` of a single-frame results file."""
     out = {}
     for line in path.read_text().splitlines():
         if line.strip():
@@ -27,6 +28,7 @@ def _rows(path: Path) -> dict:
 
 
 def tally(rows) -> dict:
+    """Registrations, successes (registered within 2 mm), published, published correct and wrong."""
     pub = [r for r in rows if r["answered"]]
     ok = [r for r in pub if r.get("mrpd_mm", float("inf")) <= WRONG_MRPD_MM]
     success = [r for r in rows if r.get("mrpd_mm", float("inf")) <= WRONG_MRPD_MM]
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
         if not p.exists():
             print(f"error: {p} does not exist", file=sys.stderr)
             return 2
-    a, b = _rows(args.a), _rows(args.b)
+    a, b = read_rows(args.a), read_rows(args.b)
     keys = sorted(set(a) & set(b))
     lines = [f"# Single frame, paired: {args.a} vs {args.b} ({len(keys)} registrations in both)", "",
              "| run | source | registrations | success (registered within 2 mm) | published | published correct | published wrong |",

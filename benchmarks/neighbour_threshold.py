@@ -12,11 +12,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-WRONG_MRPD_MM = 2.0
+from compare_single_frame import read_rows, tally  # the same directory: one home for the counting
 
 
 def main(argv=None) -> int:
@@ -30,12 +29,11 @@ def main(argv=None) -> int:
         if not path.exists():
             print(f"error: {path} does not exist", file=sys.stderr)
             return 2
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        pub = [r for r in rows if r["answered"]]
+        rows = list(read_rows(path).values())
         for thr in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7):
-            keep = [r for r in pub if r.get("neighbour_check", {}).get("ratio", 0.0) < thr]
-            ok = sum(r.get("mrpd_mm", float("inf")) <= WRONG_MRPD_MM for r in keep)
-            lines.append(f"| {path} | {len(rows)} | {thr:g} | {len(keep)} | {ok} | {len(keep) - ok} |")
+            # a registration at or over the threshold would not have been published
+            t = tally([{**r, "answered": r["answered"] and r.get("neighbour_check", {}).get("ratio", 0.0) < thr} for r in rows])
+            lines.append(f"| {path} | {len(rows)} | {thr:g} | {t['published']} | {t['published_correct']} | {t['published_wrong']} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -754,11 +754,10 @@ def load_ppcflow(models_dir: str, backend: str = "auto", device: str = "auto"):
 
 
 def _mean_displacement_mm(T_a: torch.Tensor, T_b: torch.Tensor, pts_ct_mm: torch.Tensor) -> float:
-    """Mean distance (mm, optical frame) between the target points ``(N, 3)`` (CT, mm) placed by two ``(4, 4)`` poses."""
-    p = pts_ct_mm.to(torch.float64)
-    a = p @ T_a[:3, :3].to(torch.float64).T + T_a[:3, 3].to(torch.float64)
-    b = p @ T_b[:3, :3].to(torch.float64).T + T_b[:3, 3].to(torch.float64)
-    return float((a - b).norm(dim=-1).mean())
+    """Mean distance (mm) between the target points ``(N, 3)`` (CT, mm) placed by two ``(4, 4)`` poses: their mTRE."""
+    from .eval.metrics import mtre
+
+    return float(mtre(T_a.to(torch.float64), T_b.to(torch.float64), pts_ct_mm.to(torch.float64)))
 
 
 def load_scr(models_dir: str, backend: str, device: str):

@@ -332,29 +332,26 @@ def _local_peak(row: dict, details: dict, T_gt: torch.Tensor, pts: torch.Tensor)
             {"mrpd_mm": round(float(mrpd(T, T_gt, pts)), 3)}
 
 
+def read_jsonl(path: Path) -> list:
+    """The rows of a results file (``[]`` when it does not exist; a line cut by an interruption is skipped)."""
+    rows = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def done_keys(results: Path) -> set:
     """Keys of the sequences whose every frame is in a results file."""
-    if not results.exists():
-        return set()
-    out = set()
-    for line in results.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by an interruption
-        if row.get("kind") == "sequence":
-            out.add(row["key"])
-    return out
+    return {row["key"] for row in read_jsonl(results) if row.get("kind") == "sequence"}
 
 
 def read_rows(results: Path) -> tuple:
     """``(sequence rows, frame rows)`` of a results file (none when it does not exist: a run of single frames only)."""
     seqs, frames = [], []
-    for line in (results.read_text().splitlines() if results.exists() else []):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
+    for row in read_jsonl(results):
         (seqs if row.get("kind") == "sequence" else frames).append(row)
     keys = {s["key"] for s in seqs}
     return seqs, [r for r in frames if r["key"] in keys]
@@ -473,13 +470,8 @@ def run_single_frame(specs: list, out: Path, n_starts: int, overrides: dict | No
     out.mkdir(parents=True, exist_ok=True)
     results = out / "single_frame.jsonl"
     done = {}
-    if results.exists():
-        for line in results.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            done[row["key"]] = done.get(row["key"], 0) + 1
+    for row in read_jsonl(results):
+        done[row["key"]] = done.get(row["key"], 0) + 1
     todo = [s for s in specs if done.get(s.key, 0) < n_starts]
     if progress:
         print(f"single frame: {len(specs)} frames x {n_starts} starts, {len(specs) - len(todo)} frames already in {results}", flush=True)
@@ -524,9 +516,7 @@ def summarise_single_frame(results: Path) -> list:
     """
     from .metrics import capture_range
 
-    if not results.exists():
-        return []
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(results)
     out = []
     for source in sorted({r["source"] for r in rows}):
         rs = [r for r in rows if r["source"] == source]
@@ -576,13 +566,7 @@ def run_first_frame(specs: list, out: Path, models_dir: Path, overrides: dict | 
     overrides = dict(overrides or {})
     out.mkdir(parents=True, exist_ok=True)
     results = out / "first_frame.jsonl"
-    done = set()
-    if results.exists():
-        for line in results.read_text().splitlines():
-            try:
-                done.add(json.loads(line)["key"])
-            except (json.JSONDecodeError, KeyError):
-                continue
+    done = {row["key"] for row in read_jsonl(results)}
     todo = [s for s in specs if s.key not in done]
     if progress:
         print(f"first frame: {len(specs)} frames, {len(specs) - len(todo)} already in {results}", flush=True)
@@ -637,20 +621,19 @@ def run_first_frame(specs: list, out: Path, models_dir: Path, overrides: dict | 
 
 def summarise_first_frame(results: Path) -> list:
     """Per source: SCR-PnP mTRE percentiles and GFR, what the acceptance lets through, what the node publishes."""
-    if not results.exists():
-        return []
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    from .metrics import percentiles
+
+    rows = read_jsonl(results)
     out = []
     for source in sorted({r["source"] for r in rows}):
         rs = [r for r in rows if r["source"] == source]
-        e = np.sort([r.get("scr_mtre_mm", float("inf")) for r in rs])
+        e = percentiles([r.get("scr_mtre_mm", float("inf")) for r in rs])
         acc = np.array([r["scr_accepted"] for r in rs])
         gross = np.array([r.get("scr_mtre_mm", float("inf")) for r in rs]) > GROSS_MTRE_MM
         ans = np.array([r["answered"] for r in rs])
         pub_rpd = np.array([r.get("mrpd_mm", float("inf")) for r in rs])
         pub_tre = np.array([r.get("mtre_mm", float("inf")) for r in rs])
-        out.append({"source": source, "frames": len(rs), "scr_mtre_p25_mm": float(e[int(round(0.25 * (len(e) - 1)))]),
-                    "scr_mtre_p50_mm": float(e[int(round(0.5 * (len(e) - 1)))]), "scr_mtre_p95_mm": float(e[int(round(0.95 * (len(e) - 1)))]),
+        out.append({"source": source, "frames": len(rs), **{f"scr_mtre_{q}_mm": v for q, v in e.items()},
                     "scr_mrpd_median_mm": float(np.median([r.get("scr_mrpd_mm", float("inf")) for r in rs])),
                     "gfr_pct": 100.0 * gross.mean(), "accepted_pct": 100.0 * acc.mean(), "gross_accepted": int((gross & acc).sum()),
                     "published_pct": 100.0 * ans.mean(), "published_wrong": int((ans & (pub_rpd > WRONG_MRPD_MM)).sum()),

@@ -152,3 +152,9 @@ def summarize(initial_mtre_mm, final_mrpd_mm, iterations=None, seconds=None, suc
     if seconds is not None:
         out["seconds_mean"] = float(np.mean(seconds))
     return out
+
+
+def percentiles(x) -> dict:
+    """25th/50th/95th percentiles ``{"p25", "p50", "p95"}`` (nearest rank; a case without a pose counts as ``inf``)."""
+    a = np.sort(np.asarray(x, dtype=np.float64))
+    return {f"p{q}": float(a[int(round(q / 100 * (len(a) - 1)))]) for q in (25, 50, 95)}

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, ModelLoadError, run_cli
+from .metrics import percentiles
 
 
 def load_posenet(path, device: str = "cpu"):
@@ -41,12 +42,6 @@ def load_posenet(path, device: str = "cpu"):
     net = PoseRegressionNet(widths=meta["widths"], center_ct_mm=meta["center_ct_mm"], depth_mm=meta["depth_mm"], scale_mm=meta["scale_mm"])
     net.load_state_dict(blob["state_dict"])
     return net.eval(), meta
-
-
-def percentiles(x) -> dict:
-    """25th/50th/95th percentiles (nearest rank; a view without a pose counts as ``inf``)."""
-    a = np.sort(np.asarray(x, dtype=np.float64))
-    return {f"p{q}": float(a[int(round(q / 100 * (len(a) - 1)))]) for q in (25, 50, 95)}
 
 
 def evaluate(models_dir: Path, views_dir: Path, posenet_path: Path | None, frame_size: int, limit: int | None, seed: int, backend: str,
