@@ -77,6 +77,10 @@ PEAK_RANGE_MM = 12.0
 #: true start PPC drifted 12 mm in depth on the benchmark's tuning frames).
 DEPTH_ANCHOR_MM = 3.0
 
+#: Smallest depth move of the depth search (``depth_search_mm``) that registers again, mm: below
+#: it the profile's peak is within its own precision of the pose.
+DEPTH_SEARCH_MIN_MOVE_MM = 2.0
+
 WAITING_FOR_CT = "waiting_for_ct"
 INITIALISING = "initialising"
 TRACKING = "tracking"
@@ -214,9 +218,12 @@ class RegistrationPipeline:
         self.registrator = PPCRegistrator.from_ct(ct, cfg.target, learned=learned, flow=flow, moving=moving_image(cfg),
                                                   surface_kwargs=surface_sampling(ct.spacing_mm))
         self.scr = load_scr(cfg.models_dir, cfg.backend, cfg.device)
-        from .ppc.context import NeighbourCheck
+        from .ppc.context import DepthSearch, NeighbourCheck, whole_ct_renderer
 
         self.neighbour_check = NeighbourCheck.from_ct(ct, ct.structure_id(cfg.target))  # None: not a vertebra with a neighbour
+        whole_ct = self.neighbour_check.renderer if self.neighbour_check is not None else whole_ct_renderer(ct)
+        self.depth_search = DepthSearch(whole_ct, self.registrator.pts.mean(0).double().numpy(), cfg.depth_search_mm,
+                                        cfg.min_depth_prominence)
         if cfg.recover != "off" or cfg.refine != "off":
             from .intensity import IntensityRegistrator
 
@@ -253,12 +260,14 @@ class RegistrationPipeline:
                 self.state = INITIALISING
 
     def reset(self) -> None:
-        """Forget the current pose (and the last good one): the next frame is initialised afresh.
+        """Forget the current pose (the last good one, and a refused initial pose waiting to be tried
+        again): the next frame is initialised afresh.
 
         With an SCR model that is SCR-PnP; without one, the node waits for a pose on the
         initial-pose input.
         """
         with self._lock:
+            self._initial_pose = None
             self._previous = None
             self._previous_moving = None
             self._last_good = None
@@ -354,6 +363,9 @@ class RegistrationPipeline:
                 if result is None:
                     result = self.registrator.register(image, intr, start, config=self.register_config)
                     judged = None
+                if source.startswith("scr") and self.config.depth_search_mm > 0 and getattr(self, "depth_search", None) is not None:
+                    result, moved = self._search_depth(result, image, intr, scr_details)
+                    judged = None if moved else judged
             else:
                 start = predict_pose(previous, before_previous, self.config.motion_prediction)
                 result = self.registrator.track(image, intr, start, config=self.track_config)
@@ -433,6 +445,30 @@ class RegistrationPipeline:
         return FrameResult(T_out if ok else None, new_state, why, result.inlier_fraction, time.perf_counter() - t0,
                            details, image, intr, T_registered=T_out, mode=mode,
                            reason="" if ok else ("lost" if mode == "track" else "rejected"))
+
+    def _search_depth(self, result, image, intr: CArmIntrinsics, details: dict):
+        """SCR's depth corrected by the whole view's depth profile (:class:`~reg2d3d_ros.ppc.context.DepthSearch`).
+
+        At an accepted peak the target is registered again (locally, PPC holding depth near the
+        new start); returns ``(result, moved)`` and records ``details["depth_search"]``.
+        """
+        from .ppc.context import along_ray
+
+        t0 = time.perf_counter()
+        ds = self.depth_search
+        ds.range_mm, ds.min_prominence = float(self.config.depth_search_mm), float(self.config.min_depth_prominence)
+        found = ds(image, intr, result.T_optical_from_ct)
+        rec = {"offset_mm": round(found["offset_mm"], 2), "prominence": found["prominence"], "gc": round(found["gc"], 4),
+               "peak_gc": round(found["peak_gc"], 4)}
+        if found["why"]:
+            rec["kept"] = found["why"]
+        moved = found["accepted"] and abs(found["offset_mm"]) >= DEPTH_SEARCH_MIN_MOVE_MM
+        if moved:
+            T = along_ray(result.T_optical_from_ct, ds.center_ct_mm, found["offset_mm"])
+            result = self.registrator.register(image, intr, T, config=replace(self.register_config, search_range_mm=0.0))
+        rec["ms"] = round(1000 * (time.perf_counter() - t0), 1)
+        details["depth_search"] = rec
+        return result, moved
 
     def _judge(self, result, mode: str, image, intr: CArmIntrinsics) -> dict:
         """The checks of a registration (``mode`` ``track`` or ``initialise (...)``) on its frame.

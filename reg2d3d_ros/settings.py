@@ -254,6 +254,17 @@ SETTINGS = (
                 'exact lock, benchmarks/results/neighbour_check.md; 0.85 instead of 1 also refuses the partial locks '
                 'of single-frame registrations from far starts: tuning 20 -> 11 wrong for 54 -> 51 correct); 0: off'),
             range=(0.0, 10.0), runtime=True),
+    Setting('depth_search_mm', 40.0,
+            ('an initialisation from SCR-PnP searches the depth along the ray through the target over +- this range '
+                'with the whole field of view (the whole CT\'s DRR vs the frame, 4 mm samples at 128 px) and registers '
+                'again at the profile\'s peak: SCR\'s error is mostly depth, which one view shows only as '
+                'magnification (its depth errors reach 37 mm on the held-out first frames); 0: off'),
+            unit='mm', range=(0.0, 100.0), runtime=True),
+    Setting('min_depth_prominence', 0.03,
+            ('the depth search moves the pose only when the profile\'s peak stands this much (relative) above its '
+                'samples 20 mm either side (tuning frames: 0.005 for the one flat profile, at least 0.05 for the 17 '
+                'that peak within 2 mm of the truth)'),
+            range=(0.0, 1.0), runtime=True),
     Setting('peak_correction', True,
             ('move a tracked pose onto the peak of that comparison when it lies 0.5 mm to max_peak_offset_mm '
                 'beside it (in-plane, sub-pixel): removes the slow drift of the contour updates'),

@@ -50,7 +50,8 @@ def _run(pipe, setup, frames, encoding, intensity, T_start, **overrides):
         pipe.reset()
         ci = setup.intrinsics().to_camera_info()
         pipe.set_camera_info(ci["k"], ci["width"], ci["height"])
-        pipe.set_initial_pose(T_start)
+        if T_start is not None:
+            pipe.set_initial_pose(T_start)
         out = []
         for f in range(len(frames)):
             e = encode_image(frames[f], encoding)
@@ -331,3 +332,50 @@ def test_benchmark_shards_split_a_tier_without_overlap():
     for bad in ("2", "a/b", "3/3", "0/0"):
         with pytest.raises(ConfigError):
             _parse_shard(bad)
+
+
+def test_depth_search_undoes_a_depth_error_and_declines_a_blank_frame(world):
+    """The whole view's depth profile puts a pose moved along the ray back to the true depth; a frame without structure moves nothing."""
+    from reg2d3d_ros.ppc.context import along_ray
+
+    pipe = world["pipe"]
+    search = pipe.depth_search
+    T = _view(world, lao=25.0, cran=-5.0)
+    frames, enc, intensity = _frames(world, T[None], "soft_transmission_mono8", seed=12)
+    img = to_attenuation(frames[0].astype(np.float32), intensity)
+    intr = world["setup"].intrinsics()
+    for e in (18.0, -22.0):
+        found = search(img, intr, along_ray(T, search.center_ct_mm, e))
+        assert found["accepted"], found
+        assert abs(e + found["offset_mm"]) < 3.0, (e, found)
+    blank = search(np.zeros_like(img), intr, T)
+    assert not blank["accepted"] and blank["offset_mm"] == 0.0 and blank["why"], blank
+
+
+def test_an_scr_initialisation_gets_its_depth_from_the_search_and_a_given_pose_keeps_its_own(world):
+    """SCR's pose (its error mostly depth) is moved to the profile's depth before it is published; a pose given on the topic is not searched."""
+    from types import SimpleNamespace
+
+    from reg2d3d_ros.eval import mtre
+    from reg2d3d_ros.ppc.context import along_ray
+
+    pipe = world["pipe"]
+    T = _view(world, lao=-15.0, cran=6.0)
+    frames, enc, intensity = _frames(world, T[None], "nominal", seed=13)
+    off = along_ray(T, pipe.depth_search.center_ct_mm, 25.0)
+    assert float(mtre(off, T, world["pts"])) > 20.0
+    fake = SimpleNamespace(initialise=lambda image, K: SimpleNamespace(
+        accepted=True, T_optical_from_ct=off, why="", confidence=0.8, network_seconds=0.0, pnp_seconds=0.0, pnp=SimpleNamespace(n_inliers=400)))
+    saved = pipe.scr
+    pipe.scr = fake
+    try:
+        r = _run(pipe, world["setup"], frames, enc, intensity, None)[0]  # no pose: the pipeline asks SCR
+    finally:
+        pipe.scr = saved
+    assert r.mode.startswith("initialise (scr"), r.mode
+    assert "depth_search" in r.details and r.details["depth_search"]["offset_mm"] < -10.0, r.details  # back towards the source
+    assert r.T_registered is not None, r.details
+    print("mTRE after the depth search", float(mtre(r.T_registered, T, world["pts"])), r.details["depth_search"])
+    assert float(mtre(r.T_registered, T, world["pts"])) < 5.0, r.details
+    given = _run(pipe, world["setup"], frames, enc, intensity, off)[0]
+    assert "depth_search" not in given.details

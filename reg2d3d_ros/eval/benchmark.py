@@ -549,13 +549,25 @@ def first_frame_specs(tier: str, split: str = "heldout") -> list:
     return out
 
 
+class _RecordingSCR:
+    """An SCR initialiser that keeps its last result (the benchmark scores SCR's own pose too)."""
+
+    def __init__(self, scr):
+        self.scr, self.last = scr, None
+        self.runner = scr.runner
+
+    def initialise(self, image, K):
+        self.last = self.scr.initialise(image, K)
+        return self.last
+
+
 def run_first_frame(specs: list, out: Path, models_dir: Path, overrides: dict | None = None, progress: bool = True) -> Path:
     """Frame 0 of each spec with no initial pose: SCR-PnP, then the pipeline as the node runs it; returns the results file.
 
     The SCR model of ``models_dir`` (made for one target of this CT; its scene is the whole
-    spine, so its pose serves every vertebra) gives the pose; a rejected pose publishes nothing.
-    An accepted pose goes to the pipeline of the frame's vertebra on its initial-pose input, which
-    is what the node does with it (refine, register, the acceptance checks). One row per frame
+    spine, so its pose serves every vertebra) runs inside the pipeline of the frame's vertebra,
+    which has no pose, as in the node: a rejected SCR pose publishes nothing, an accepted one is
+    refined, registered, its depth searched and checked. One row per frame
     in ``out/first_frame.jsonl`` (appended as it goes; frames already there are skipped).
     """
     from ..engines import load
@@ -577,38 +589,39 @@ def run_first_frame(specs: list, out: Path, models_dir: Path, overrides: dict | 
         raise ConfigError(f"no SCR model in {models_dir} (scr.pt): make one with python -m reg2d3d_ros.prepare")
     scr = SCRInitializer.load(scr_path)
     scr.runner = load(scr_path, "scr", "onnxruntime", "cpu")
+    recording = _RecordingSCR(scr)
     paths, ct, cache_root, setup = _open_ct()
     intr = setup.intrinsics()
-    K = intr.K(torch.float64).numpy()
     ci = intr.to_camera_info()
     pipes, renderers = {}, {}
     for spec in todo:
         poses = sequence_poses(ct, spec, setup)  # the whole sequence: its frames are cached by the sequence runs
         frames, encoding, intensity, _ = sequence_frames(ct, str(paths.ct), spec, setup, poses, renderers, cache_root=cache_root)
         pipe = _pipeline_for(pipes, paths, spec.vertebra, overrides, intensity)
+        pipe.scr = recording  # the pipeline runs SCR-PnP itself when it has no pose, as in the node
         pts = _target_points(ct, spec.vertebra)
         e = encode_image(frames[0], encoding)
         pipe.reset()
         pipe.set_camera_info(ci["k"], ci["width"], ci["height"])
+        recording.last = None
         t0 = time.perf_counter()
-        image, _ = pipe.check_frame(e["encoding"], e["height"], e["width"], e["step"], e["data"])
-        r = scr.initialise(image, K)
-        t_scr = time.perf_counter() - t0
+        res = pipe.process(e["encoding"], e["height"], e["width"], e["step"], e["data"])
+        r = recording.last
+        if r is None:
+            raise RuntimeError(f"{spec.key}: the pipeline did not run SCR-PnP ({res.reason}: {res.error})")
         row = {"key": spec.key, "source": spec.source, "view": spec.view, "vertebra": spec.vertebra, "scr_accepted": bool(r.accepted),
-               "scr_ms": round(1000 * t_scr, 1), "scr_inliers": int(r.pnp.n_inliers), "scr_inlier_fraction": round(float(r.confidence), 3),
-               "scr_why": r.why}
+               "scr_ms": round(1000 * (r.network_seconds + r.pnp_seconds), 1), "scr_inliers": int(r.pnp.n_inliers),
+               "scr_inlier_fraction": round(float(r.confidence), 3), "scr_why": r.why}
         if r.T_optical_from_ct is not None:
             T = torch.as_tensor(r.T_optical_from_ct, dtype=torch.float64)
             row["scr_mtre_mm"] = round(float(mtre(T, poses[0], pts)), 3)
             row["scr_mrpd_mm"] = round(float(mrpd(T, poses[0], pts)), 3)
-        row["answered"] = False
-        if r.accepted:
-            pipe.set_initial_pose(r.T_optical_from_ct)
-            res = pipe.process(e["encoding"], e["height"], e["width"], e["step"], e["data"])
-            row.update(answered=res.T_optical_from_ct is not None, reason=res.reason, search=res.details.get("search", ""))
-            if res.T_registered is not None:
-                row["mrpd_mm"] = round(float(mrpd(res.T_registered, poses[0], pts)), 3)
-                row["mtre_mm"] = round(float(mtre(res.T_registered, poses[0], pts)), 3)
+        row.update(answered=res.T_optical_from_ct is not None, reason=res.reason, search=res.details.get("search", ""))
+        if "depth_search" in res.details:
+            row["depth_search"] = res.details["depth_search"]
+        if res.T_registered is not None:
+            row["mrpd_mm"] = round(float(mrpd(res.T_registered, poses[0], pts)), 3)
+            row["mtre_mm"] = round(float(mtre(res.T_registered, poses[0], pts)), 3)
         row["seconds"] = round(time.perf_counter() - t0, 2)
         with open(results, "a") as fh:
             fh.write(json.dumps(row) + "\n")
