@@ -262,8 +262,8 @@ SETTINGS = (
             unit='mm', range=(0.0, 100.0), runtime=True),
     Setting('min_depth_prominence', 0.03,
             ('the depth search moves the pose only when the profile\'s peak stands this much (relative) above its '
-                'samples 20 mm either side (tuning frames: 0.005 for the one flat profile, at least 0.05 for the 17 '
-                'that peak within 2 mm of the truth)'),
+                'coarse samples 24 mm either side (tuning frames, benchmarks/results/depth_profile.md: at most 0.014 '
+                'for the one flat profile, at least 0.05 for every search that ends within 2 mm of the truth)'),
             range=(0.0, 1.0), runtime=True),
     Setting('peak_correction', True,
             ('move a tracked pose onto the peak of that comparison when it lies 0.5 mm to max_peak_offset_mm '
