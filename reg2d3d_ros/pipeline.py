@@ -8,8 +8,9 @@ States (the ``state`` field the node reports on ``/diagnostics``):
     the next usable frame is registered from an initial pose: a pose given with
     :meth:`RegistrationPipeline.set_initial_pose`, else the SCR-PnP initialiser's pose when the
     models folder holds an SCR model (``scr.pt``), else the last good pose. The SCR pose is
-    refined by PPC registration; a pose the SCR acceptance test rejects publishes nothing and the
-    next frame tries again;
+    refined by PPC registration, its depth (SCR's largest error) searched with the whole field of
+    view (``depth_search_mm``) and registered again there; a pose the SCR acceptance test rejects
+    publishes nothing and the next frame tries again;
 ``tracking``
     every usable frame is tracked from the previous frame's pose;
 ``lost``
