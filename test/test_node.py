@@ -499,9 +499,10 @@ def test_scr_initialises_without_initial_pose_and_hands_over_to_tracking(t8_bag,
         err = float(mtre(T, torch.from_numpy(seq.poses_mm[i]), t8_bag["pts"]))
         err_rpd = mrpd_of(p, seq.poses_mm[i], t8_bag["pts"])
         # in the image the registration is right (mRPD, the success criterion of single-view
-        # registration); along the beam one view leaves it uncertain (mTRE, here about 17 mm)
+        # registration); along the beam SCR alone was about 17 mm off, the depth search of the
+        # SCR initialisation brings it to 2-4 mm here
         assert err_rpd < 2.0, f"frame {i}: mRPD {err_rpd:.2f} mm (modes {modes})"
-        assert err < 30.0, f"frame {i}: mTRE {err:.2f} mm (modes {modes})"
+        assert err < 8.0, f"frame {i}: mTRE {err:.2f} mm (modes {modes})"
 
 
 # -- issue 19: parameters, label names and grids, lock-step replay ----------------------------------
