@@ -35,6 +35,14 @@ def tally(rows) -> dict:
     return {"n": len(rows), "published": len(pub), "published_correct": len(ok), "published_wrong": len(pub) - len(ok), "success": len(success)}
 
 
+def write_table(lines: list, out: Path | None) -> None:
+    """Print a markdown table (its lines) and write it to ``out`` when given."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        out.write_text(text)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("a", type=Path)
@@ -54,10 +62,7 @@ def main(argv=None) -> int:
         for source in sorted({rows[k]["source"] for k in keys}):
             t = tally([rows[k] for k in keys if rows[k]["source"] == source])
             lines.append(f"| {name} | {source} | {t['n']} | {t['success']} | {t['published']} | {t['published_correct']} | {t['published_wrong']} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    write_table(lines, args.out)
     return 0
 
 

@@ -51,32 +51,27 @@ def main(argv=None) -> int:
     import torch
 
     from reg2d3d_ros.eval import benchmark as B
-    from reg2d3d_ros.images import to_attenuation
     from reg2d3d_ros.ppc.context import DepthSearch, along_ray, whole_ct_renderer
     from reg2d3d_ros.settings import BY_NAME
 
     path = args.out / "depth_profile.jsonl"
     if args.summary_only:
-        write_summary([json.loads(line) for line in path.read_text().splitlines() if line.strip()], args.out)
+        write_summary(B.read_jsonl(path), args.out)
         return 0
-    paths, ct, cache_root, setup = B._open_ct()
-    intr = setup.intrinsics()
+    ct, intr, frames = B.static_first_frames()
     renderer = whole_ct_renderer(ct)
-    rows, renderers = [], {}
-    for split in ("tuning", "heldout"):
-        for spec in B.single_frame_specs("full", split):
-            poses = B.sequence_poses(ct, spec, setup)
-            frames, _, intensity, _ = B.sequence_frames(ct, str(paths.ct), spec, setup, poses, renderers, cache_root=cache_root)
-            img = to_attenuation(frames[0].astype(np.float32), intensity)
-            center = torch.as_tensor(B._target_points(ct, spec.vertebra), dtype=torch.float64).mean(0)
-            search = DepthSearch(renderer, center.numpy(), BY_NAME["depth_search_mm"].default, BY_NAME["min_depth_prominence"].default)
-            for e in ERRORS_MM:
-                found = search(img, intr, along_ray(poses[0], center, e))
-                row = {"split": split, "source": spec.source, "view": spec.view, "vertebra": spec.vertebra, "error_mm": e,
-                       "offset_mm": round(found["offset_mm"], 2), "residual_mm": round(e + found["offset_mm"], 2),
-                       "accepted": found["accepted"], "prominence": found["prominence"], "why": found["why"]}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+    range_mm, min_prominence = BY_NAME["depth_search_mm"].default, BY_NAME["min_depth_prominence"].default
+    rows = []
+    for split, spec, T_gt, img in frames:
+        center = torch.as_tensor(B._target_points(ct, spec.vertebra), dtype=torch.float64).mean(0)
+        search = DepthSearch(renderer, center.numpy())
+        for e in ERRORS_MM:
+            found = search(img, intr, along_ray(T_gt, center, e), range_mm, min_prominence)
+            row = {"split": split, "source": spec.source, "view": spec.view, "vertebra": spec.vertebra, "error_mm": e,
+                   "offset_mm": round(found["offset_mm"], 2), "residual_mm": round(e + found["offset_mm"], 2),
+                   "accepted": found["accepted"], "prominence": found["prominence"], "why": found["why"]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_summary(rows, args.out)

@@ -48,36 +48,28 @@ def main(argv=None) -> int:
     ap.add_argument("--summary-only", action="store_true", help="only rewrite the table from OUT/neighbour_check.jsonl")
     args = ap.parse_args(argv)
     from reg2d3d_ros.eval import benchmark as B
-    from reg2d3d_ros.images import to_attenuation
     from reg2d3d_ros.ppc.context import NeighbourCheck
     from reg2d3d_ros.settings import BY_NAME
 
     thr = args.threshold if args.threshold is not None else BY_NAME["max_neighbour_gc_ratio"].default
     if args.summary_only:
-        rows = [json.loads(line) for line in (args.out / "neighbour_check.jsonl").read_text().splitlines() if line.strip()]
-        write_summary(rows, thr, args.out)
+        write_summary(B.read_jsonl(args.out / "neighbour_check.jsonl"), thr, args.out)
         return 0
-    paths, ct, cache_root, setup = B._open_ct()
-    intr = setup.intrinsics()
-    rows, renderers, checks = [], {}, {}
-    for split in ("tuning", "heldout"):
-        for spec in B.single_frame_specs("full", split):
-            poses = B.sequence_poses(ct, spec, setup)
-            frames, _, intensity, _ = B.sequence_frames(ct, str(paths.ct), spec, setup, poses, renderers, cache_root=cache_root)
-            img = to_attenuation(frames[0].astype(np.float32), intensity)
-            if spec.vertebra not in checks:
-                checks[spec.vertebra] = NeighbourCheck.from_ct(ct, ct.structure_id(spec.vertebra))
-            chk = checks[spec.vertebra]
-            T = poses[0]
-            truth = chk(img, intr, T)
-            row = {"split": split, "source": spec.source, "view": spec.view, "vertebra": spec.vertebra, "truth_ratio": round(truth["ratio"], 3),
-                   "truth_gc": round(truth["gc"], 4)}
-            for name, off in chk.offsets_ct_mm.items():
-                S = torch.eye(4, dtype=torch.float64)
-                S[:3, 3] = -torch.from_numpy(off)  # the lock: the target's surface placed on this neighbour
-                row[f"lock_ratio_{name}"] = round(chk(img, intr, T @ S)["ratio"], 3)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    ct, intr, frames = B.static_first_frames()
+    rows, checks = [], {}
+    for split, spec, T, img in frames:
+        if spec.vertebra not in checks:
+            checks[spec.vertebra] = NeighbourCheck.from_ct(ct, ct.structure_id(spec.vertebra))
+        chk = checks[spec.vertebra]
+        truth = chk(img, intr, T)
+        row = {"split": split, "source": spec.source, "view": spec.view, "vertebra": spec.vertebra, "truth_ratio": round(truth["ratio"], 3),
+               "truth_gc": round(truth["gc"], 4)}
+        for name, off in chk.offsets_ct_mm.items():
+            S = torch.eye(4, dtype=torch.float64)
+            S[:3, 3] = -torch.from_numpy(off)  # the lock: the target's surface placed on this neighbour
+            row[f"lock_ratio_{name}"] = round(chk(img, intr, T @ S)["ratio"], 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "neighbour_check.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_summary(rows, thr, args.out)

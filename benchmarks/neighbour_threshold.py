@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from compare_single_frame import read_rows, tally  # the same directory: one home for the counting
+from compare_single_frame import read_rows, tally, write_table  # the same directory: one home for the counting
 
 
 def main(argv=None) -> int:
@@ -34,10 +34,7 @@ def main(argv=None) -> int:
             # a registration at or over the threshold would not have been published
             t = tally([{**r, "answered": r["answered"] and r.get("neighbour_check", {}).get("ratio", 0.0) < thr} for r in rows])
             lines.append(f"| {path} | {len(rows)} | {thr:g} | {t['published']} | {t['published_correct']} | {t['published_wrong']} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    write_table(lines, args.out)
     return 0
 
 

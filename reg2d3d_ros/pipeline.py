@@ -182,6 +182,7 @@ class RegistrationPipeline:
         self._before_previous: torch.Tensor | None = None  # the pose before ``_previous`` when both were tracked consecutively
         self.scr = None  # SCR-PnP initialiser when the models folder has one
         self.neighbour_check = None  # which-vertebra check of initialisations (ppc.context), when the target is a vertebra
+        self.depth_search = None  # depth of SCR initialisations from the whole field of view (ppc.context)
         self.register_config = None  # PPC configurations of registration and tracking (set by load)
         self.track_config = None
 
@@ -223,8 +224,7 @@ class RegistrationPipeline:
 
         self.neighbour_check = NeighbourCheck.from_ct(ct, ct.structure_id(cfg.target))  # None: not a vertebra with a neighbour
         whole_ct = self.neighbour_check.renderer if self.neighbour_check is not None else whole_ct_renderer(ct)
-        self.depth_search = DepthSearch(whole_ct, self.registrator.pts.mean(0).double().numpy(), cfg.depth_search_mm,
-                                        cfg.min_depth_prominence)
+        self.depth_search = DepthSearch(whole_ct, self.registrator.pts.mean(0).double().numpy())
         if cfg.recover != "off" or cfg.refine != "off":
             from .intensity import IntensityRegistrator
 
@@ -364,7 +364,7 @@ class RegistrationPipeline:
                 if result is None:
                     result = self.registrator.register(image, intr, start, config=self.register_config)
                     judged = None
-                if source.startswith("scr") and self.config.depth_search_mm > 0 and getattr(self, "depth_search", None) is not None:
+                if source.startswith("scr") and self.config.depth_search_mm > 0 and self.depth_search is not None:
                     result, moved = self._search_depth(result, image, intr, scr_details)
                     judged = None if moved else judged
             else:
@@ -456,16 +456,14 @@ class RegistrationPipeline:
         from .ppc.context import along_ray
 
         t0 = time.perf_counter()
-        ds = self.depth_search
-        ds.range_mm, ds.min_prominence = float(self.config.depth_search_mm), float(self.config.min_depth_prominence)
-        found = ds(image, intr, result.T_optical_from_ct)
+        found = self.depth_search(image, intr, result.T_optical_from_ct, self.config.depth_search_mm, self.config.min_depth_prominence)
         rec = {"offset_mm": round(found["offset_mm"], 2), "prominence": found["prominence"], "gc": round(found["gc"], 4),
                "peak_gc": round(found["peak_gc"], 4)}
         if found["why"]:
             rec["kept"] = found["why"]
         moved = found["accepted"] and abs(found["offset_mm"]) >= DEPTH_SEARCH_MIN_MOVE_MM
         if moved:
-            T = along_ray(result.T_optical_from_ct, ds.center_ct_mm, found["offset_mm"])
+            T = along_ray(result.T_optical_from_ct, self.depth_search.center_ct_mm, found["offset_mm"])
             result = self.registrator.register(image, intr, T, config=replace(self.register_config, search_range_mm=0.0))
         rec["ms"] = round(1000 * (time.perf_counter() - t0), 1)
         details["depth_search"] = rec
@@ -527,7 +525,7 @@ class RegistrationPipeline:
                     why = (f"initialisation rejected: gradient correlation {gc:.3f} < accept_gradient_correlation "
                            f"{cfg.accept_gradient_correlation} (wrong optimum?); publish a better initial pose or call ~/reset")
         neighbour = None
-        if mode != "track" and not why and cfg.max_neighbour_gc_ratio > 0 and getattr(self, "neighbour_check", None) is not None:
+        if mode != "track" and not why and cfg.max_neighbour_gc_ratio > 0 and self.neighbour_check is not None:
             neighbour = self.neighbour_check(image, intr, result.T_optical_from_ct)
             if neighbour["ratio"] >= cfg.max_neighbour_gc_ratio:
                 why = (f"initialisation rejected: the whole field of view matches {neighbour['ratio']:.2f} x as well with the target moved "

@@ -344,11 +344,12 @@ def test_depth_search_undoes_a_depth_error_and_declines_a_blank_frame(world):
     frames, enc, intensity = _frames(world, T[None], "soft_transmission_mono8", seed=12)
     img = to_attenuation(frames[0].astype(np.float32), intensity)
     intr = world["setup"].intrinsics()
+    cfg = pipe.config
     for e in (18.0, -22.0):
-        found = search(img, intr, along_ray(T, search.center_ct_mm, e))
+        found = search(img, intr, along_ray(T, search.center_ct_mm, e), cfg.depth_search_mm, cfg.min_depth_prominence)
         assert found["accepted"], found
         assert abs(e + found["offset_mm"]) < 3.0, (e, found)
-    blank = search(np.zeros_like(img), intr, T)
+    blank = search(np.zeros_like(img), intr, T, cfg.depth_search_mm, cfg.min_depth_prominence)
     assert not blank["accepted"] and blank["offset_mm"] == 0.0 and blank["why"], blank
 
 

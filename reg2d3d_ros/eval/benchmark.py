@@ -391,6 +391,27 @@ def _target_points(ct, vertebra: str) -> torch.Tensor:
     return torch.from_numpy(ct.label_points_ct_mm([resolve_label(vertebra, ct.label_names)], max_points=1000, seed=0))
 
 
+def static_first_frames(splits=("tuning", "heldout"), tier: str = "full"):
+    """Frame 0 of the single-frame specs (the static sequences) of ``splits``, for offline studies of the checks.
+
+    Returns ``(ct, intrinsics, frames)``; ``frames`` yields ``(split, spec, T_gt, image_att)``:
+    the true ``(4, 4)`` float64 pose (mm) and the ``(H, W)`` float32 frame as attenuation.
+    """
+    from ..images import to_attenuation
+
+    paths, ct, cache_root, setup = _open_ct()
+
+    def frames():
+        renderers: dict = {}
+        for split in splits:
+            for spec in single_frame_specs(tier, split):
+                poses = sequence_poses(ct, spec, setup)
+                images, _, intensity, _ = sequence_frames(ct, str(paths.ct), spec, setup, poses, renderers, cache_root=cache_root)
+                yield split, spec, poses[0], to_attenuation(images[0].astype(np.float32), intensity)
+
+    return ct, setup.intrinsics(), frames()
+
+
 def render_only(specs: list, progress: bool = True) -> int:
     """Render (and cache) the frames of ``specs`` without running the pipeline; returns the number rendered.
 
@@ -554,7 +575,6 @@ class _RecordingSCR:
 
     def __init__(self, scr):
         self.scr, self.last = scr, None
-        self.runner = scr.runner
 
     def initialise(self, image, K):
         self.last = self.scr.initialise(image, K)
@@ -570,9 +590,8 @@ def run_first_frame(specs: list, out: Path, models_dir: Path, overrides: dict | 
     refined, registered, its depth searched and checked. One row per frame
     in ``out/first_frame.jsonl`` (appended as it goes; frames already there are skipped).
     """
-    from ..engines import load
     from ..images import encode_image
-    from ..scr.model import SCRInitializer
+    from ..pipeline import load_scr
     from .metrics import mrpd, mtre
 
     overrides = dict(overrides or {})
@@ -584,11 +603,9 @@ def run_first_frame(specs: list, out: Path, models_dir: Path, overrides: dict | 
         print(f"first frame: {len(specs)} frames, {len(specs) - len(todo)} already in {results}", flush=True)
     if not todo:
         return results
-    scr_path = Path(models_dir) / "scr.pt"
-    if not scr_path.exists():
+    scr = load_scr(str(models_dir), "onnxruntime", "cpu")
+    if scr is None:
         raise ConfigError(f"no SCR model in {models_dir} (scr.pt): make one with python -m reg2d3d_ros.prepare")
-    scr = SCRInitializer.load(scr_path)
-    scr.runner = load(scr_path, "scr", "onnxruntime", "cpu")
     recording = _RecordingSCR(scr)
     paths, ct, cache_root, setup = _open_ct()
     intr = setup.intrinsics()

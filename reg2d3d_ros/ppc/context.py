@@ -118,7 +118,8 @@ class NeighbourCheck:
             0 when no neighbour reaches :data:`MIN_EVIDENCE_GC`: no evidence for a neighbour).
         """
         cands = self.candidates(T_optical_from_ct)
-        gcs = _whole_view_gc(self.renderer, image_att, intrinsics, torch.stack(list(cands.values())), self.size_px)
+        lv, fixed = _frame_at(image_att, intrinsics, self.size_px)
+        gcs = _whole_view_gc(self.renderer, fixed, lv, torch.stack(list(cands.values())))
         own = gcs[0]
         neighbours = dict(zip(list(cands)[1:], gcs[1:]))
         best = max(neighbours, key=neighbours.get)
@@ -138,16 +139,21 @@ def whole_ct_renderer(ct, step_factor: float = 2.0):
     return renderer
 
 
-def _whole_view_gc(renderer, image_att: np.ndarray, intrinsics: CArmIntrinsics, poses: torch.Tensor, size_px: int) -> list:
-    """Gradient correlation of the whole CT's DRR at each of ``poses`` ``(N, 4, 4)`` with the frame, at ``size_px``."""
+def _frame_at(image_att: np.ndarray, intrinsics: CArmIntrinsics, size_px: int):
+    """``(intrinsics, (h, w) float32 frame)`` of the frame scaled so that its longer side has at most ``size_px`` pixels."""
+    lv = intrinsics.scaled(min(1.0, size_px / max(intrinsics.height, intrinsics.width)))
+    fixed = torch.nn.functional.interpolate(torch.as_tensor(np.asarray(image_att, dtype=np.float32))[None, None],
+                                            size=(lv.height, lv.width), mode="area")[0, 0]
+    return lv, fixed
+
+
+def _whole_view_gc(renderer, fixed: torch.Tensor, lv: CArmIntrinsics, poses: torch.Tensor) -> list:
+    """Gradient correlation of the whole CT's DRR at each of ``poses`` ``(N, 4, 4)`` with ``fixed`` (a :func:`_frame_at` pair)."""
     from ..intensity.metrics import gradient_correlation
 
-    lv = intrinsics.scaled(min(1.0, size_px / max(intrinsics.height, intrinsics.width)))
     with torch.no_grad():
         drr = renderer.render(poses, lv.K(torch.float64), lv.height, lv.width).line_integral
-        fixed = torch.nn.functional.interpolate(torch.as_tensor(np.asarray(image_att, dtype=np.float32))[None, None],
-                                                size=(lv.height, lv.width), mode="area")[0].to(drr.dtype)
-        return [float(gradient_correlation(drr[i : i + 1], fixed)) for i in range(len(poses))]
+        return gradient_correlation(drr, fixed).tolist()
 
 
 #: Depth search: spacing of the profile's fine samples (mm) and the frame size it is computed at
@@ -199,18 +205,17 @@ class DepthSearch:
         Renderer of the whole CT (:func:`whole_ct_renderer`).
     center_ct_mm : np.ndarray
         ``(3,)`` float64, the target's centre in the CT frame (mm): the ray the pose moves along.
-    range_mm, min_prominence : float
-        The search range (+-, mm) and the profile's smallest relative prominence.
     """
 
-    def __init__(self, renderer, center_ct_mm, range_mm: float, min_prominence: float):
+    def __init__(self, renderer, center_ct_mm):
         self.renderer = renderer
         self.center_ct_mm = torch.as_tensor(np.asarray(center_ct_mm, dtype=np.float64))
-        self.range_mm = float(range_mm)
-        self.min_prominence = float(min_prominence)
 
-    def __call__(self, image_att: np.ndarray, intrinsics: CArmIntrinsics, T_optical_from_ct: torch.Tensor) -> dict:
-        """Profile the depth of ``T_optical_from_ct`` ``(4, 4)`` on the frame ``image_att`` ``(H, W)``.
+    def __call__(self, image_att: np.ndarray, intrinsics: CArmIntrinsics, T_optical_from_ct: torch.Tensor, range_mm: float,
+                 min_prominence: float) -> dict:
+        """Profile the depth of ``T_optical_from_ct`` ``(4, 4)`` on the frame ``image_att`` ``(H, W)`` over ``+-range_mm``.
+
+        ``min_prominence``: the profile's smallest relative prominence that moves the pose.
 
         Returns
         -------
@@ -219,14 +224,15 @@ class DepthSearch:
             ``accepted`` (bool), ``why`` (empty, or why the depth stays), ``prominence``,
             ``gc`` (at the pose) and ``peak_gc``.
         """
-        ray = self.center_ct_mm
+        lv, fixed = _frame_at(image_att, intrinsics, DEPTH_SIZE_PX)
 
         def profile(offs):
-            poses = torch.stack([along_ray(T_optical_from_ct, ray, d) for d in offs])
-            return dict(zip(offs, _whole_view_gc(self.renderer, image_att, intrinsics, poses, DEPTH_SIZE_PX)))
+            poses = torch.stack([along_ray(T_optical_from_ct, self.center_ct_mm, d) for d in offs])
+            return dict(zip(offs, _whole_view_gc(self.renderer, fixed, lv, poses)))
 
-        # coarse: every 2 steps over the range; fine: the steps either side of the coarse peak
-        n = max(1, int(round(self.range_mm / (2 * DEPTH_STEP_MM))))
+        # coarse: every 2 steps over the range; fine: the steps either side of the coarse peak (its
+        # coarse neighbours, 2 steps away, complete the parabola's three samples)
+        n = max(1, int(round(range_mm / (2 * DEPTH_STEP_MM))))
         g = profile([float(2 * DEPTH_STEP_MM * k) for k in range(-n, n + 1)])
         coarse = sorted(g)
         best = max(coarse, key=g.get)
@@ -236,14 +242,12 @@ class DepthSearch:
         prominence = float((g[best] - side) / g[best]) if g[best] > 0 else 0.0
         out = {"offset_mm": 0.0, "accepted": False, "why": "", "prominence": round(prominence, 4), "gc": float(g[0.0]), "peak_gc": float(g[best])}
         if i in (0, len(coarse) - 1):
-            out["why"] = f"the profile peaks at the end of the +-{self.range_mm:.0f} mm range"
-        elif g[best] <= 0 or prominence < self.min_prominence:
-            out["why"] = f"flat profile (prominence {prominence:.3f} < {self.min_prominence})"
+            out["why"] = f"the profile peaks at the end of the +-{range_mm:.0f} mm range"
+        elif g[best] <= 0 or prominence < min_prominence:
+            out["why"] = f"flat profile (prominence {prominence:.3f} < {min_prominence})"
         else:
             g.update(profile([best - DEPTH_STEP_MM, best + DEPTH_STEP_MM]))
             fine = max((best - DEPTH_STEP_MM, best, best + DEPTH_STEP_MM), key=g.get)
-            if fine != best and (fine + (fine - best)) not in g:
-                g.update(profile([fine + (fine - best)]))
             a, b, c = g[fine - DEPTH_STEP_MM], g[fine], g[fine + DEPTH_STEP_MM]
             den = a - 2 * b + c
             frac = 0.5 * (a - c) / den if den < 0 else 0.0
